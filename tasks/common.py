@@ -1,0 +1,127 @@
+"""Small helpers shared by the stages: atomic outputs, logging, progress, stage entry points."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from tasks.params import ParamsError
+
+log = logging.getLogger("tlp")
+
+
+def setup_logging() -> None:
+    """Log ``INFO`` lines to stderr, once, in the form Prefect and ``dvc repro`` both show."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
+    """A tqdm progress bar on stderr that stays readable in logs (not only on terminals)."""
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.setdefault("mininterval", 1.0 if sys.stderr.isatty() else 5.0)
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("disable", os.environ.get("TLP_NO_PROGRESS") == "1")
+    return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path; move it onto ``target`` only if the block succeeds.
+
+    The temporary path lives in the same folder as ``target`` so the final rename is
+    atomic on POSIX. On error the temporary file or folder is removed and ``target`` is
+    left as it was: a later run never trusts a half-written output.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory:
+            if target.exists() or target.is_symlink():
+                old = target.with_name(f".{target.name}.old")
+                remove(old)
+                target.rename(old)
+                tmp.rename(target)
+                remove(old)
+            else:
+                tmp.rename(target)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def remove(path: str | Path) -> None:
+    """Delete a file, link or folder if it exists."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically, sorted and indented so diffs stay readable."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message says why and what to do."""
+
+
+def run_stage(name: str, body: Callable[[], Any]) -> int:
+    """Run a stage's ``main`` body, turning expected errors into one clear line and exit 1.
+
+    Args:
+        name: the stage name, used as the prefix of the error line.
+        body: the work; it may raise :class:`StageError`, :class:`ParamsError` or ``ValueError``.
+
+    Returns:
+        The process exit code.
+    """
+    setup_logging()
+    try:
+        body()
+    except (StageError, ParamsError, ValueError, FileNotFoundError) as exc:
+        log.error("%s failed: %s", name, exc)
+        print(f"ERROR: {name}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def set_determinism(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow and ask TensorFlow for deterministic kernels."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    with contextlib.suppress(Exception):  # only possible before the first op runs
+        tf.config.experimental.enable_op_determinism()

@@ -1,0 +1,263 @@
+"""Typed pipeline parameters: ``params.yaml`` parsed once, at the edge.
+
+Every stage reads its own section (stage name = module name = section name).
+Unknown keys and wrong types fail with :class:`ParamsError`, whose message
+names the key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+STAGES = ("fetch", "prepare", "backbone", "train", "evaluate", "export")
+
+
+class ParamsError(ValueError):
+    """A parameter is missing, unknown or of the wrong type or range."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class FetchParams(_Section):
+    """Where the raw images come from (``fetch`` section)."""
+
+    source: str = Field(
+        "builtin:digits",
+        description="builtin:digits | builtin:mnist | builtin:fashion-mnist | http(s) URL of an "
+        "archive | local archive | local folder of class sub-folders",
+    )
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0, le=20)
+    max_members: int = Field(500_000, gt=0)
+    max_total_bytes: int = Field(20 * 1024**3, gt=0)
+    max_member_bytes: int = Field(1024**3, gt=0)
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty; use builtin:digits, a URL, or a local path")
+        return value.strip()
+
+
+class PrepareParams(_Section):
+    """Decoding, validation, splitting and sharding (``prepare`` section)."""
+
+    image_size: tuple[int, int] = (32, 32)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    min_images_per_class: int = Field(5, ge=1)
+    other_class: str | None = None
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    imbalance_warn_ratio: float = Field(10.0, ge=1.0)
+    shard_size: int = Field(2048, ge=1)
+    min_side: int = Field(8, ge=1)
+    max_pixels: int = Field(100_000_000, ge=1)
+    workers: int = Field(0, ge=0, description="decode threads; 0 = number of CPUs")
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 8 or max(value) > 2048:
+            raise ValueError(f"must be two ints between 8 and 2048 (height, width), got {list(value)}")
+        return value
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ParamsError(
+                "prepare.val_fraction + prepare.test_fraction must be below 0.9, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+
+
+class SimpleCnnParams(_Section):
+    """The course's MNIST CNN: conv blocks with configurable filters, stride, padding, pooling."""
+
+    filters: tuple[int, ...] = (32, 64)
+    kernel_size: int = Field(3, ge=1, le=15)
+    strides: int = Field(1, ge=1, le=4)
+    padding: Literal["same", "valid"] = "same"
+    pool_size: int = Field(2, ge=1, le=4)
+
+    @field_validator("filters")
+    @classmethod
+    def _filters(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(f < 1 for f in value):
+            raise ValueError(f"must be a non-empty list of positive ints, got {list(value)}")
+        return value
+
+
+class BackboneParams(_Section):
+    """Which pretrained feature extractor to use (``backbone`` section)."""
+
+    arch: str = "simple_cnn"
+    weights: str = Field("none", description="imagenet | none | path of a local weights file")
+    simple_cnn: SimpleCnnParams = SimpleCnnParams()
+
+    @field_validator("arch")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower()
+
+
+class FineTuneParams(_Section):
+    """Optional second phase: unfreeze the top layers of the backbone."""
+
+    enabled: bool = False
+    layers: int = Field(20, ge=1)
+    epochs: int = Field(5, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+
+
+class TrainParams(_Section):
+    """The classification head and its training (``train`` section)."""
+
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    pooling: Literal["avg", "max", "flatten"] = "avg"
+    dense_units: int = Field(0, ge=0, description="hidden Dense layer before the classifier; 0 = none")
+    monitor: str = "val_loss"
+    early_stopping_patience: int = Field(5, ge=0, description="0 disables early stopping")
+    augment: bool = False
+    feature_cache: bool = True
+    seed: int = 42
+    fine_tune: FineTuneParams = FineTuneParams()
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitor(cls, value: str) -> str:
+        allowed = {"val_loss", "val_accuracy", "loss", "accuracy"}
+        if value not in allowed:
+            raise ValueError(f"must be one of {sorted(allowed)}, got {value!r}")
+        return value
+
+
+class EvaluateParams(_Section):
+    """Metrics on the test split (``evaluate`` section)."""
+
+    top_k: int = Field(3, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class ExportParams(_Section):
+    """ONNX export and its parity gate (``export`` section)."""
+
+    opset: int = Field(17, ge=13, le=21)
+    atol: float = Field(1e-4, gt=0)
+    min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
+    max_parity_images: int = Field(1000, ge=1)
+
+
+class Params(_Section):
+    """All of ``params.yaml``."""
+
+    fetch: FetchParams = FetchParams()
+    prepare: PrepareParams = PrepareParams()
+    backbone: BackboneParams = BackboneParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        section = ".".join(str(p) for p in error["loc"][:-1])
+        allowed = _allowed_keys(error["loc"][:-1])
+        where = f"{section}." if section else ""
+        return f"unknown key {where}{error['loc'][-1]} (allowed: {', '.join(allowed)})"
+    given = error.get("input")
+    return f"{key}: {message} (got {given!r})"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def parse_params(raw: dict[str, Any] | None) -> Params:
+    """Validate a params mapping.
+
+    Args:
+        raw: the mapping read from ``params.yaml`` (with overrides applied).
+
+    Returns:
+        The typed, frozen parameters.
+
+    Raises:
+        ParamsError: naming every bad key, what was given and what is allowed.
+    """
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ParamsError(f"invalid params: {problems}. Fix params.yaml or the override.") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted-key overrides (``{"train.epochs": 5}``) applied.
+
+    Raises:
+        ParamsError: if a dotted key does not name a known parameter.
+    """
+    result = copy.deepcopy(raw)
+    for dotted, value in (overrides or {}).items():
+        parts = dotted.split(".")
+        if parts[0] not in STAGES:
+            raise ParamsError(
+                f"unknown override {dotted!r}: the first part must be a stage ({', '.join(STAGES)})"
+            )
+        node = result
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {dotted!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with an error that names the file when it is not one."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found; run from the project root or pass --params") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read, override and validate ``params.yaml``.
+
+    Args:
+        path: the params file.
+        overrides: dotted keys to replace, e.g. ``{"train.epochs": 5}``.
+
+    Returns:
+        The typed parameters.
+    """
+    return parse_params(apply_overrides(read_yaml(path), overrides))

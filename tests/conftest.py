@@ -1,0 +1,93 @@
+"""Shared fixtures: a real DVC project in a temporary folder, with shrunken params."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ("tasks", "flows", "dvc.yaml", "params.yaml", "pyproject.toml", "prefect.yaml")
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TLP_NO_PROGRESS", "1")
+
+# Small enough for a 2-core CI machine; large enough that accuracy means something.
+SHRUNK = {
+    "train": {"epochs": 3, "early_stopping_patience": 0},
+    "prepare": {"image_size": [16, 16]},
+    "backbone": {"simple_cnn": {"filters": [8, 16]}},
+    "export": {"max_parity_images": 200},
+}
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    """Recursively merge ``extra`` into ``base`` (in place) and return it."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command with the venv's tools first on PATH, capturing text output."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
+    env.update(kwargs.pop("env", {}))
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
+            f"stderr:\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def make_project(dest: Path, params: dict | None = None) -> Path:
+    """Copy the pipeline into ``dest`` as a fresh git + DVC repo with merged params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy2(source, dest / name)
+    with (ROOT / "params.yaml").open() as handle:
+        merged = deep_update(yaml.safe_load(handle), params or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    run(["git", "init", "-q"], dest)
+    run(["git", "config", "user.email", "test@example.com"], dest)
+    run(["git", "config", "user.name", "test"], dest)
+    run(["dvc", "init", "-q"], dest)
+    run(["dvc", "config", "core.analytics", "false"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "init"], dest)
+    return dest
+
+
+def set_params(project: Path, changes: dict) -> None:
+    """Merge ``changes`` into the project's params.yaml."""
+    path = project / "params.yaml"
+    data = deep_update(yaml.safe_load(path.read_text()), changes)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A fresh pipeline project with shrunken params."""
+    return make_project(tmp_path / "project", SHRUNK)
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> Path:
+    """One shrunken pipeline, run once with ``dvc repro`` and shared by read-only tests."""
+    path = make_project(tmp_path_factory.mktemp("built") / "project", SHRUNK)
+    run(["dvc", "repro"], path)
+    return path

@@ -1,0 +1,305 @@
+"""A small, real HTTP server for tests: files from a folder, with misbehaviour on demand.
+
+Usage::
+
+    with FileServer(tmp_path / "www", drop_after_bytes=1000, drop_requests=1) as server:
+        url = server.url("data.tar.gz")
+        ...
+        assert server.count("data.tar.gz") == 2
+
+It binds ``127.0.0.1`` on a free port and serves each request in its own thread. Options
+(all attributes may also be changed while it runs):
+
+- ``throttle_bps``: send at most this many bytes per second (e.g. to SIGKILL a client
+  mid-download);
+- ``drop_after_bytes`` / ``drop_requests``: for the first ``drop_requests`` GETs, close the
+  connection after that many body bytes, as a flaky network does;
+- ``error_status`` / ``error_requests``: answer the first ``error_requests`` GETs with this
+  status (e.g. 503);
+- ``html``: answer with an HTML page and status 200, as a login or "not found" page does
+  (``True`` for every path, or a collection of paths);
+- ``ranges``: honour ``Range`` (and ``If-Range``) requests with 206 answers.
+
+Every request is recorded in :attr:`FileServer.requests`. Every loop in here is bounded
+by the size of the file being sent, and stopping the server wakes throttled senders.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import unquote, urlsplit
+
+HTML_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>"
+    b"<body><p>Please sign in to download this file.</p></body></html>\n"
+)
+CHUNK_BYTES = 16 * 1024
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as the server saw it."""
+
+    method: str
+    path: str  # relative to the served folder, without the leading "/"
+    range: str | None
+    if_range: str | None
+    status: int
+
+
+class FileServer:
+    """Serve files from ``root`` over HTTP on 127.0.0.1, as a context manager.
+
+    Args:
+        root: the folder to serve.
+        throttle_bps: most body bytes per second per response; ``None`` for no limit.
+        drop_after_bytes: close the connection after this many body bytes ...
+        drop_requests: ... for this many of the first GET requests.
+        error_status: answer with this HTTP status ...
+        error_requests: ... for this many of the first GET requests.
+        html: answer with an HTML page (status 200): ``True`` for all paths, or the paths.
+        ranges: support ``Range`` requests (otherwise they are answered with the full file).
+        etag: send an ``ETag`` header (``Last-Modified`` is always sent).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        throttle_bps: int | None = None,
+        drop_after_bytes: int | None = None,
+        drop_requests: int = 1,
+        error_status: int | None = None,
+        error_requests: int = 1,
+        html: bool | Collection[str] = False,
+        ranges: bool = True,
+        etag: bool = True,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.throttle_bps = throttle_bps
+        self.drop_after_bytes = drop_after_bytes
+        self.drop_requests = drop_requests
+        self.error_status = error_status
+        self.error_requests = error_requests
+        self.html = html
+        self.ranges = ranges
+        self.etag = etag
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        self._gets = 0
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> FileServer:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # -- helpers for tests -----------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>/``."""
+        if self._server is None:
+            raise RuntimeError("the server is not running; use it as a context manager")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def url(self, path: str = "") -> str:
+        """The URL of ``path`` (relative to the served folder)."""
+        return self.base_url + path.lstrip("/")
+
+    def count(self, path: str | None = None, method: str = "GET") -> int:
+        """How many ``method`` requests were made (for ``path``, if given)."""
+        with self._lock:
+            return sum(
+                1
+                for request in self.requests
+                if request.method == method and (path is None or request.path == path.lstrip("/"))
+            )
+
+    # -- used by the handler ---------------------------------------------------------------
+
+    def _next_get(self) -> int:
+        with self._lock:
+            self._gets += 1
+            return self._gets
+
+    def _record(self, request: Request) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def _serves_html(self, path: str) -> bool:
+        if isinstance(self.html, bool):
+            return self.html
+        return path in self.html
+
+
+def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            """Keep test output quiet."""
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._serve(body=False)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._serve(body=True)
+
+        def _serve(self, *, body: bool) -> None:
+            path = unquote(urlsplit(self.path).path).lstrip("/")
+            range_header = self.headers.get("Range")
+            if_range = self.headers.get("If-Range")
+            number = server._next_get() if body else 0
+            status = self._respond(path, number, range_header, if_range, body=body)
+            server._record(Request(self.command, path, range_header, if_range, status))
+
+        def _respond(
+            self,
+            path: str,
+            number: int,
+            range_header: str | None,
+            if_range: str | None,
+            *,
+            body: bool,
+        ) -> int:
+            if server.error_status is not None and 0 < number <= server.error_requests:
+                return self._send_bytes(
+                    server.error_status, b"simulated failure\n", "text/plain", body
+                )
+            if server._serves_html(path):
+                return self._send_bytes(200, HTML_PAGE, "text/html; charset=utf-8", body)
+            file = (server.root / path).resolve()
+            if not file.is_relative_to(server.root) or not file.is_file():
+                return self._send_bytes(404, b"not found\n", "text/plain", body)
+            size = file.stat().st_size
+            mtime = file.stat().st_mtime_ns
+            etag = f'"{size:x}-{mtime:x}"'
+            last_modified = formatdate(mtime / 1e9, usegmt=True)
+            start, end, status = 0, size - 1, 200
+            match = _RANGE.match(range_header or "") if server.ranges else None
+            validator_ok = if_range is None or if_range in (
+                etag if server.etag else None,
+                last_modified,
+            )
+            if match and validator_ok:
+                start = int(match.group(1))
+                end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+                if start >= size or start > end:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return 416
+                status = 206
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Last-Modified", last_modified)
+            if server.etag:
+                self.send_header("ETag", etag)
+            if server.ranges:
+                self.send_header("Accept-Ranges", "bytes")
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.end_headers()
+            if body:
+                drop = server.drop_after_bytes if 0 < number <= server.drop_requests else None
+                self._send_file(file, start, end - start + 1, drop)
+            return status
+
+        def _send_bytes(self, status: int, payload: bytes, content_type: str, body: bool) -> int:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if body:
+                self.wfile.write(payload)
+            return status
+
+        def _send_file(self, file: Path, start: int, length: int, drop_after: int | None) -> None:
+            sent = 0
+            began = time.monotonic()
+            try:
+                with open(file, "rb") as handle:
+                    handle.seek(start)
+                    while sent < length and not server._stopping.is_set():
+                        step = min(CHUNK_BYTES, length - sent)
+                        if drop_after is not None:
+                            step = min(step, drop_after - sent)
+                            if step <= 0:
+                                self._drop()
+                                return
+                        chunk = handle.read(step)
+                        if not chunk:
+                            return
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                        sent += len(chunk)
+                        self._throttle(sent, began)
+                if drop_after is not None and sent >= drop_after:
+                    self._drop()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client went away (e.g. it was killed)
+
+        def _throttle(self, sent: int, began: float) -> None:
+            rate = server.throttle_bps
+            if rate:
+                ahead = sent / rate - (time.monotonic() - began)
+                if ahead > 0:
+                    server._stopping.wait(ahead)
+
+        def _drop(self) -> None:
+            """Cut the connection abruptly (RST), mid-body."""
+            self.close_connection = True
+            try:
+                self.wfile.flush()
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    return Handler
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for "nothing listens here" tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
