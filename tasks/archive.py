@@ -318,6 +318,14 @@ def _plan_tar(tar: tarfile.TarFile, plan: _Plan, staging: Path) -> None:
             plan.add_dir(member)
         else:
             plan.add_link(member)
+    # tarfile stops quietly at an unreadable header after the first member; a good archive
+    # ends with zero blocks (or just ends), so anything else there means lost members.
+    tar.fileobj.seek(tar.offset)
+    if tar.fileobj.read(tarfile.BLOCKSIZE).strip(b"\0"):
+        raise ArchiveError(
+            f"unreadable tar header at byte {tar.offset}: the archive is corrupt (or several "
+            "archives were concatenated)"
+        )
 
 
 def _plan_zip(archive: zipfile.ZipFile, plan: _Plan, max_ratio: float) -> None:

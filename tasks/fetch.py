@@ -397,6 +397,9 @@ def fetch_url(
     timeout_s: float = 60.0,
     retries: int = 3,
     expect: str = "a file",
+    check_hint: str = "fetch.source",
+    mismatch_hint: str = "If the file changed upstream on purpose, set fetch.sha256 to the new "
+    "hash in params.yaml; otherwise correct fetch.source.",
     backoff_s: float = RETRY_BACKOFF_S,
 ) -> Download:
     """Download ``url`` into the cache (or reuse a complete cached copy), verified.
@@ -413,6 +416,8 @@ def fetch_url(
         retries: how many times to retry after a transient error (connection dropped or
             refused, timeout, HTTP 5xx/429/408).
         expect: what the file should be, for error messages (``"a .tar.gz archive"``).
+        check_hint: what to check when the URL is wrong, for error messages.
+        mismatch_hint: what to do when the sha256 does not match, for error messages.
         backoff_s: the first pause between attempts; it doubles each time, up to 8 s.
 
     Returns:
@@ -441,183 +446,174 @@ def fetch_url(
                 "cached %s has sha256 %s, not %s; downloading again", final, digest, expected
             )
             remove(final)
-        part = final.with_name(final.name + ".part")
         with requests.Session() as session:
             session.headers["User-Agent"] = USER_AGENT
-            resumed = _download_with_retries(
-                session,
-                url,
-                part,
-                expected,
-                timeout_s=timeout_s,
-                retries=retries,
-                backoff_s=backoff_s,
+            transfer = _Transfer(
+                session, url, final.with_name(final.name + ".part"), expected, timeout_s, check_hint
             )
-            digest = _verify(url, part, expected, expect)
+            resumed = transfer.run(retries, backoff_s)
+            digest = _verify(transfer, expect)
             if digest is None and resumed:
                 # The resumed bytes may come from a changed file: start once from scratch.
                 log.warning("the resumed download of %s failed verification; starting over", url)
-                _discard(part)
-                _download_with_retries(
-                    session,
-                    url,
-                    part,
-                    expected,
-                    timeout_s=timeout_s,
-                    retries=retries,
-                    backoff_s=backoff_s,
-                )
-                digest = _verify(url, part, expected, expect)
+                transfer.discard()
+                transfer.run(retries, backoff_s)
+                digest = _verify(transfer, expect)
         if digest is None:
-            actual = file_sha256(part)
-            _discard(part)
+            actual = file_sha256(transfer.part)
+            transfer.discard()
             raise StageError(
                 f"sha256 mismatch for {url}: expected {expected}, got {actual}; the download "
-                "was deleted. If the file changed upstream on purpose, set fetch.sha256 to the "
-                "new hash in params.yaml; otherwise check that fetch.source is the right URL."
+                f"was deleted. {mismatch_hint}"
             )
-        os.replace(part, final)
-        remove(_meta_path(part))
+        os.replace(transfer.part, final)
+        remove(transfer.meta)
         return Download(final, digest, reused=False)
     finally:
         lock.release()
 
 
-def _verify(url: str, part: Path, expected: str | None, expect: str) -> str | None:
-    """Return the sha256 of a complete ``part``, ``None`` if it does not match ``expected``."""
-    with open(part, "rb") as handle:
+def _verify(transfer: _Transfer, expect: str) -> str | None:
+    """Return the sha256 of a complete download, ``None`` if it does not match."""
+    with open(transfer.part, "rb") as handle:
         head = handle.read(1024)
     if looks_like_html(head):
-        _discard(part)
+        transfer.discard()
         raise StageError(
-            f"the server returned an HTML page, not {expect}, for {url} (often a login, "
-            "error or 'file moved' page served with status 200). Check fetch.source: it must "
-            "be a direct download link."
+            f"the server returned an HTML page, not {expect}, for {transfer.url} (often a "
+            "login, error or 'file moved' page served with status 200). Check "
+            f"{transfer.check_hint}: it must be a direct download link."
         )
-    digest = file_sha256(part)
-    if expected is not None and digest != expected:
+    digest = file_sha256(transfer.part)
+    if transfer.expected is not None and digest != transfer.expected:
         return None
     return digest
 
 
-def _meta_path(part: Path) -> Path:
-    return part.with_name(part.name + ".json")
+@dataclass
+class _Transfer:
+    """One URL streaming into ``part``, with its resume metadata in ``part.json``."""
 
+    session: requests.Session
+    url: str
+    part: Path
+    expected: str | None
+    timeout_s: float
+    check_hint: str
 
-def _discard(part: Path) -> None:
-    remove(part)
-    remove(_meta_path(part))
+    @property
+    def meta(self) -> Path:
+        return self.part.with_name(self.part.name + ".json")
 
+    def discard(self) -> None:
+        remove(self.part)
+        remove(self.meta)
 
-def _download_with_retries(
-    session: requests.Session,
-    url: str,
-    part: Path,
-    expected: str | None,
-    *,
-    timeout_s: float,
-    retries: int,
-    backoff_s: float,
-) -> bool:
-    """Run download attempts until one completes; return whether any attempt resumed."""
-    resumed = False
-    last_error: BaseException | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(min(backoff_s * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S))
+    def run(self, retries: int, backoff_s: float) -> bool:
+        """Attempt until one attempt completes; return whether any attempt resumed."""
+        resumed = False
+        last_error: BaseException | None = None
+        for attempt in range(retries + 1):
+            if attempt:
+                time.sleep(min(backoff_s * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S))
+            try:
+                resumed |= self.attempt()
+                return resumed
+            except (
+                _TransientError,
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.HTTPError,
+            ) as exc:
+                last_error = exc
+                log.warning(
+                    "download of %s failed (attempt %d of %d): %s",
+                    self.url,
+                    attempt + 1,
+                    retries + 1,
+                    exc,
+                )
+        raise StageError(
+            f"could not download {self.url} after {retries + 1} attempts: {last_error}. Check "
+            f"the network and {self.check_hint}; raise fetch.retries or fetch.timeout_s for a "
+            "slow or flaky link."
+        )
+
+    def attempt(self) -> bool:
+        """One GET into ``part``, resuming it if possible; return whether it resumed."""
+        offset, validator = self.resume_point()
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if validator:
+                headers["If-Range"] = validator
+        timeout = (self.timeout_s, self.timeout_s)
         try:
-            resumed |= _attempt(session, url, part, expected, timeout_s=timeout_s)
-            return resumed
-        except (
-            _TransientError,
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-            urllib3.exceptions.HTTPError,
-        ) as exc:
-            last_error = exc
-            log.warning(
-                "download of %s failed (attempt %d of %d): %s", url, attempt + 1, retries + 1, exc
-            )
-    raise StageError(
-        f"could not download {url} after {retries + 1} attempts: {last_error}. Check the "
-        "network and fetch.source; raise fetch.retries or fetch.timeout_s for a slow or flaky link."
-    )
-
-
-def _attempt(
-    session: requests.Session, url: str, part: Path, expected: str | None, *, timeout_s: float
-) -> bool:
-    """One GET of ``url`` into ``part``, resuming it if possible; return whether it resumed."""
-    offset, validator = _resume_point(url, part, expected)
-    headers = {"Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-        if validator:
-            headers["If-Range"] = validator
-    try:
-        response = session.get(url, stream=True, timeout=(timeout_s, timeout_s), headers=headers)
-    except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
-        raise StageError(f"fetch.source {url!r} is not a valid URL: {exc}") from None
-    with response:
-        status = response.status_code
-        if status in (408, 429) or status >= 500:
-            raise _TransientError(f"HTTP {status} {response.reason}")
-        if status == 416:
-            _discard(part)
-            raise _TransientError("the server refused to resume; starting over")
-        if status >= 400 or status not in (200, 206):
+            response = self.session.get(self.url, stream=True, timeout=timeout, headers=headers)
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
             raise StageError(
-                f"HTTP {status} {response.reason} for {url}; check fetch.source (the URL must be "
-                "a direct, public download link)"
-            )
-        if status == 206:
-            start = _content_range_start(response.headers.get("Content-Range"))
-            if start != offset:
-                _discard(part)
-                raise _TransientError(f"the server resumed at byte {start}, not {offset}")
-            mode = "ab"
-            log.info("resuming %s at byte %d", url, offset)
-        else:
-            offset, mode = 0, "wb"
-            write_json(_meta_path(part), {"url": url, "validator": _validator(response)})
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length and length.isdigit() else None
-        with (
-            open(part, mode) as handle,
-            progress(
-                total=total,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=PurePosixPath(urlsplit(url).path).name or url,
-            ) as bar,
-        ):
-            # raw.stream: the bytes exactly as sent (no Content-Encoding decoding).
-            for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
-                handle.write(chunk)
-                bar.update(len(chunk))
-        size = part.stat().st_size
-        if total is not None and size != total:
-            raise _TransientError(f"the connection closed after {size} of {total} bytes")
-    return mode == "ab"
+                f"{self.url!r} is not a valid URL ({exc}); check {self.check_hint}"
+            ) from None
+        with response:
+            status = response.status_code
+            if status in (408, 429) or status >= 500:
+                raise _TransientError(f"HTTP {status} {response.reason}")
+            if status == 416:
+                self.discard()
+                raise _TransientError("the server refused to resume; starting over")
+            if status not in (200, 206):
+                raise StageError(
+                    f"HTTP {status} {response.reason} for {self.url}; check {self.check_hint} "
+                    "(the URL must be a direct, public download link)"
+                )
+            if status == 206:
+                start = _content_range_start(response.headers.get("Content-Range"))
+                if start != offset:
+                    self.discard()
+                    raise _TransientError(f"the server resumed at byte {start}, not {offset}")
+                mode = "ab"
+                log.info("resuming %s at byte %d", self.url, offset)
+            else:
+                offset, mode = 0, "wb"
+                write_json(self.meta, {"url": self.url, "validator": _validator(response)})
+            length = response.headers.get("Content-Length")
+            total = offset + int(length) if length and length.isdigit() else None
+            with (
+                open(self.part, mode) as handle,
+                progress(
+                    total=total,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=PurePosixPath(urlsplit(self.url).path).name or self.url,
+                ) as bar,
+            ):
+                # raw.stream: the bytes exactly as sent (no Content-Encoding decoding).
+                for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
+                    handle.write(chunk)
+                    bar.update(len(chunk))
+            size = self.part.stat().st_size
+            if total is not None and size != total:
+                raise _TransientError(f"the connection closed after {size} of {total} bytes")
+        return mode == "ab"
 
-
-def _resume_point(url: str, part: Path, expected: str | None) -> tuple[int, str | None]:
-    """Where to resume ``part`` from, and the validator for ``If-Range``; (0, None) to restart."""
-    if not part.is_file():
+    def resume_point(self) -> tuple[int, str | None]:
+        """Where to resume from, and the ``If-Range`` validator; ``(0, None)`` to restart."""
+        if not self.part.is_file():
+            return 0, None
+        try:
+            meta = read_json(self.meta)
+        except (OSError, ValueError):
+            meta = {}
+        same_url = isinstance(meta, dict) and meta.get("url") == self.url
+        validator = meta.get("validator") if same_url else None
+        # Without a validator the server cannot tell us the file changed; then only an
+        # expected sha256 (checked at the end) makes resuming safe.
+        if same_url and (validator or self.expected):
+            return self.part.stat().st_size, validator
         return 0, None
-    try:
-        meta = read_json(_meta_path(part))
-    except (OSError, ValueError):
-        meta = {}
-    validator = meta.get("validator") if meta.get("url") == url else None
-    # Without a validator the server cannot tell us the file changed; then only an
-    # expected sha256 (checked at the end) makes resuming safe.
-    if meta.get("url") == url and (validator or expected):
-        return part.stat().st_size, validator
-    return 0, None
 
 
 def _validator(response: requests.Response) -> str | None:
@@ -684,6 +680,9 @@ def _write_idx(
                 timeout_s=params.timeout_s,
                 retries=params.retries,
                 expect="a .gz file",
+                check_hint=f"{dataset.base_url_env} ({base_url})",
+                mismatch_hint=f"The file is not the official {dataset.name} release; if "
+                f"{dataset.base_url_env} is set, point it at a faithful mirror or unset it.",
             )
             shutil.copyfile(download.path, idx_dir / name)
         origin = base_url

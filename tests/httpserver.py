@@ -182,11 +182,19 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
 
         def _serve(self, *, body: bool) -> None:
             path = unquote(urlsplit(self.path).path).lstrip("/")
-            range_header = self.headers.get("Range")
-            if_range = self.headers.get("If-Range")
             number = server._next_get() if body else 0
-            status = self._respond(path, number, range_header, if_range, body=body)
-            server._record(Request(self.command, path, range_header, if_range, status))
+            self._respond(
+                path, number, self.headers.get("Range"), self.headers.get("If-Range"), body=body
+            )
+
+        def send_response(self, code: int, message: str | None = None) -> None:
+            # Record before the client can see the answer, so tests never race the log.
+            path = unquote(urlsplit(self.path).path).lstrip("/")
+            request = Request(
+                self.command, path, self.headers.get("Range"), self.headers.get("If-Range"), code
+            )
+            server._record(request)
+            super().send_response(code, message)
 
         def _respond(
             self,

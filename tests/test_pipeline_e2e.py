@@ -87,7 +87,9 @@ def test_shrunk_pipeline_outputs(built_project):
     assert info["backbone"]["arch"] == "simple_cnn" and info["epochs_run"] == 3
     export = json.loads((project / "metrics/export.json").read_text())
     assert export["top1_agreement"] == 1.0 and export["max_abs_diff"] < 1e-4
-    plots = (project / "dvclive/train/plots/metrics").glob("**/*.tsv")
-    assert {p.stem for p in plots} >= {"loss", "val_loss", "accuracy", "val_accuracy"}
+    plots_dir = project / "dvclive/train/plots/metrics"
+    plots = {str(p.relative_to(plots_dir)) for p in plots_dir.glob("**/*.tsv")}
+    assert plots >= {"train/loss.tsv", "eval/loss.tsv", "train/accuracy.tsv", "eval/accuracy.tsv"}
+    assert len((plots_dir / "train/loss.tsv").read_text().splitlines()) == 1 + 3  # header + epochs
     shown = run(["dvc", "metrics", "show", "--json"], project)
     assert "accuracy" in shown.stdout

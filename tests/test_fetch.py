@@ -1,0 +1,454 @@
+"""Stage ``fetch`` end to end: builtin datasets, a real local HTTP server, local sources, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.common import StageError
+from tasks.fetch import IDX_DATASETS, IDX_FILES, FetchResult, cache_name, fetch
+from tasks.params import FetchParams, load_params
+from tests.httpserver import FileServer, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLP_NO_PROGRESS", "1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    for name in (
+        "TLP_MNIST_BASE_URL",
+        "TLP_FASHION_MNIST_BASE_URL",
+        "TLP_MNIST_DIR",
+        "TLP_FASHION_MNIST_DIR",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def fetch_params(**overrides: object) -> FetchParams:
+    """The real ``fetch`` section of params.yaml, with test overrides (validated)."""
+    real = load_params(ROOT / "params.yaml").fetch
+    return FetchParams(**{**real.model_dump(), **overrides})
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def cached(cache: Path) -> list[str]:
+    """The download cache's files, lock files aside."""
+    return (
+        sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+        if cache.exists()
+        else []
+    )
+
+
+@pytest.fixture
+def images() -> dict[str, bytes]:
+    """A small class-folder dataset (random bytes: fetch does not decode images)."""
+    rng = np.random.default_rng(0)
+    return {
+        f"{label}/{index}.png": rng.bytes(40_000) for label in ("cat", "dog") for index in range(4)
+    }
+
+
+@pytest.fixture
+def www(tmp_path: Path, images: dict[str, bytes]) -> Path:
+    """A served folder holding ``data.tar.gz`` of ``images`` (about 320 KB)."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    with tarfile.open(folder / "data.tar.gz", "w:gz") as tar:
+        for name, data in images.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+# -- builtin datasets -----------------------------------------------------------------------
+
+
+def test_builtin_digits(tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    out = tmp_path / "raw"
+    result = fetch(fetch_params(source="builtin:digits"), out, tmp_path / "cache")
+
+    digits = load_digits()
+    pngs = sorted((out / "images").rglob("*.png"))
+    assert len(pngs) == 1797 == result.files
+    assert sorted(p.name for p in (out / "images").iterdir()) == [str(d) for d in range(10)]
+    for label in range(10):
+        assert len(list((out / "images" / str(label)).iterdir())) == np.sum(digits.target == label)
+    index = 42
+    sample = Image.open(out / "images" / str(digits.target[index]) / f"{index:04d}.png")
+    assert sample.mode == "L" and sample.size == (8, 8)
+    pixels = np.asarray(sample)
+    expected = np.rint(digits.images[index] * 255 / 16).astype(np.uint8)
+    np.testing.assert_array_equal(pixels, expected)
+    assert pixels.max() == 255 and pixels.min() == 0  # 16 -> 255, 0 -> 0
+    source = json.loads((out / "source.json").read_text())
+    assert source["source"] == "builtin:digits" and source["kind"] == "folder"
+    assert source["files"] == 1797 and source["bytes"] == sum(p.stat().st_size for p in pngs)
+
+
+@pytest.mark.skipif(
+    not DEBIAN_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
+)
+def test_builtin_fashion_mnist_from_the_debian_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing listens there: the test fails if fetch tries to download.
+    monkeypatch.setenv("TLP_FASHION_MNIST_BASE_URL", f"http://127.0.0.1:{free_port()}/")
+    out = tmp_path / "raw"
+    result = fetch(fetch_params(source="builtin:fashion-mnist", retries=0), out, tmp_path / "cache")
+
+    assert sorted(p.name for p in (out / "idx").iterdir()) == sorted([*IDX_FILES, "classes.json"])
+    for name in IDX_FILES:
+        assert sha256(out / "idx" / name) == sha256(DEBIAN_FASHION / name) == result.sha256[name]
+    classes = json.loads((out / "idx" / "classes.json").read_text())
+    assert classes[0] == "T-shirt_top" and classes[9] == "Ankle_boot" and len(classes) == 10
+    assert result.kind == "idx" and result.origin == str(DEBIAN_FASHION)
+    assert result.details["counts"] == {"train": 60000, "t10k": 10000}
+    assert json.loads((out / "source.json").read_text()) == json.loads(json.dumps(result.to_json()))
+    assert cached(tmp_path / "cache") == []
+
+
+def test_damaged_local_idx_copy_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = tmp_path / "fashion"
+    write_idx_files(local, train=6, test=2)
+    monkeypatch.setenv("TLP_FASHION_MNIST_DIR", str(local))
+    with pytest.raises(StageError, match="does not match fashion-mnist.*decompressed sha256"):
+        fetch(fetch_params(source="builtin:fashion-mnist"), tmp_path / "raw", tmp_path / "cache")
+    assert not (tmp_path / "raw").exists()
+
+
+def write_idx_files(folder: Path, *, train: int, test: int) -> dict[str, str]:
+    """Small, valid IDX .gz files; return their sha256 by name."""
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("t10k", test)):
+        pixels = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=count, dtype=np.uint8)
+        images = struct.pack(">IIII", 0x803, count, 28, 28) + pixels.tobytes()
+        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(images, mtime=0))
+        header = struct.pack(">II", 0x801, count)
+        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(header + labels.tobytes(), mtime=0)
+        )
+    return {name: sha256(folder / name) for name in IDX_FILES}
+
+
+def test_builtin_mnist_downloads_from_the_base_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = tmp_path / "mirror"
+    hashes = write_idx_files(served, train=12, test=3)
+    # The test hook: the same dataset description, with the hashes of the files served here.
+    datasets = {"mnist": dataclasses.replace(IDX_DATASETS["mnist"], gz_sha256=hashes)}
+    monkeypatch.setenv("TLP_MNIST_DIR", str(tmp_path / "missing"))
+    cache = tmp_path / "cache"
+    with FileServer(served) as server:
+        monkeypatch.setenv("TLP_MNIST_BASE_URL", server.base_url)
+        out = tmp_path / "raw"
+        result = fetch(fetch_params(source="builtin:mnist"), out, cache, idx_datasets=datasets)
+        for name in IDX_FILES:
+            assert (out / "idx" / name).read_bytes() == (served / name).read_bytes()
+            assert server.count(name) == 1
+        assert json.loads((out / "idx" / "classes.json").read_text()) == [str(d) for d in range(10)]
+        assert result.sha256 == hashes and result.origin == server.base_url
+        assert result.details["counts"] == {"train": 12, "t10k": 3}
+
+        # A re-run reuses the complete, verified downloads.
+        fetch(fetch_params(source="builtin:mnist"), out, cache, idx_datasets=datasets)
+        assert server.count() == 4
+    assert len(cached(cache)) == 4
+
+
+def test_builtin_mnist_refuses_files_that_differ_from_the_pinned_hashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = tmp_path / "mirror"
+    write_idx_files(served, train=12, test=3)
+    cache = tmp_path / "cache"
+    with FileServer(served) as server:
+        monkeypatch.setenv("TLP_MNIST_BASE_URL", server.base_url.rstrip("/"))
+        with pytest.raises(StageError) as excinfo:
+            fetch(fetch_params(source="builtin:mnist"), tmp_path / "raw", cache)
+    message = str(excinfo.value)
+    pinned = IDX_DATASETS["mnist"].gz_sha256["train-images-idx3-ubyte.gz"]
+    assert f"expected {pinned}, got {sha256(served / 'train-images-idx3-ubyte.gz')}" in message
+    assert not (tmp_path / "raw").exists()
+    assert cached(cache) == []
+
+
+# -- HTTP archives --------------------------------------------------------------------------
+
+
+def test_http_archive_with_sha256(tmp_path: Path, www: Path, images: dict[str, bytes]) -> None:
+    digest = sha256(www / "data.tar.gz")
+    cache = tmp_path / "cache"
+    with FileServer(www) as server:
+        url = server.url("data.tar.gz")
+        result = fetch(fetch_params(source=url, sha256=digest.upper()), tmp_path / "raw", cache)
+        assert tree(tmp_path / "raw" / "images") == images
+        assert result.sha256 == digest and result.files == len(images)
+        assert result.details["format"] == "tar.gz"
+        assert cached(cache) == [cache_name(url, digest)]
+        source = json.loads((tmp_path / "raw" / "source.json").read_text())
+        assert source["sha256"] == digest and source["kind"] == "folder" and source["source"] == url
+
+        fetch(fetch_params(source=url, sha256=digest), tmp_path / "raw", cache)
+        assert server.count() == 1  # the verified download was reused
+
+
+def test_http_archive_with_wrong_sha256(tmp_path: Path, www: Path) -> None:
+    digest = sha256(www / "data.tar.gz")
+    cache = tmp_path / "cache"
+    with FileServer(www) as server:
+        url = server.url("data.tar.gz")
+        with pytest.raises(StageError) as excinfo:
+            fetch(fetch_params(source=url, sha256="0" * 64), tmp_path / "raw", cache)
+        message = str(excinfo.value)
+        assert f"expected {'0' * 64}, got {digest}" in message
+        assert "fetch.sha256" in message and url in message
+        assert not (tmp_path / "raw").exists()
+        assert cached(cache) == []  # the bad bytes were deleted, not kept for later
+
+        fetch(fetch_params(source=url, sha256=digest), tmp_path / "raw", cache)
+        assert server.count() == 2
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["resumed", "restarted"])
+def test_dropped_connection_is_retried(
+    tmp_path: Path, www: Path, images: dict[str, bytes], ranges: bool
+) -> None:
+    archive = www / "data.tar.gz"
+    cache = tmp_path / "cache"
+    with FileServer(www, drop_after_bytes=100_000, drop_requests=2, ranges=ranges) as server:
+        url = server.url("data.tar.gz")
+        fetch(fetch_params(source=url, sha256=sha256(archive), retries=3), tmp_path / "raw", cache)
+        assert server.count() == 3
+        first, second, third = server.requests
+        if ranges:
+            assert (first.range, second.range, third.range) == (
+                None,
+                "bytes=100000-",
+                "bytes=200000-",
+            )
+            assert third.status == 206
+        else:
+            assert third.status == 200
+    assert (cache / cache_name(url, sha256(archive))).read_bytes() == archive.read_bytes()
+    assert tree(tmp_path / "raw" / "images") == images
+
+
+def test_interrupted_download_resumes_on_the_next_run(tmp_path: Path, www: Path) -> None:
+    archive = www / "data.tar.gz"
+    cache = tmp_path / "cache"
+    with FileServer(www, drop_after_bytes=150_000, drop_requests=1) as server:
+        url = server.url("data.tar.gz")  # no sha256: only the server's validator allows resuming
+        with pytest.raises(StageError, match="could not download .* after 1 attempts"):
+            fetch(fetch_params(source=url, retries=0), tmp_path / "raw", cache)
+        assert cached(cache) == [cache_name(url) + ".part", cache_name(url) + ".part.json"]
+
+        result = fetch(fetch_params(source=url, retries=0), tmp_path / "raw", cache)
+        resumed = server.requests[-1]
+        assert resumed.range == "bytes=150000-" and resumed.if_range and resumed.status == 206
+    assert result.sha256 == sha256(archive)
+    assert cached(cache) == [cache_name(url)]
+
+
+def test_stale_partial_download_is_not_trusted(tmp_path: Path, www: Path) -> None:
+    archive = www / "data.tar.gz"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with FileServer(www) as server:
+        url = server.url("data.tar.gz")
+        part = cache / (cache_name(url) + ".part")
+        part.write_bytes(b"left over from another version of the file" * 100)
+        (cache / (part.name + ".json")).write_text(json.dumps({"url": url, "validator": '"old"'}))
+        result = fetch(fetch_params(source=url), tmp_path / "raw", cache)
+        assert server.requests[0].if_range == '"old"' and server.requests[0].status == 200
+    assert result.sha256 == sha256(archive)
+
+
+def test_server_errors_are_retried(tmp_path: Path, www: Path, images: dict[str, bytes]) -> None:
+    with FileServer(www, error_status=503, error_requests=2) as server:
+        fetch(
+            fetch_params(source=server.url("data.tar.gz"), retries=2),
+            tmp_path / "raw",
+            tmp_path / "c",
+        )
+        assert [r.status for r in server.requests] == [503, 503, 200]
+    assert tree(tmp_path / "raw" / "images") == images
+
+
+def test_html_page_is_an_error(tmp_path: Path, www: Path) -> None:
+    cache = tmp_path / "cache"
+    expected = r"the server returned an HTML page, not a \.tar\.gz archive"
+    with FileServer(www, html=True) as server, pytest.raises(StageError, match=expected):
+        fetch(fetch_params(source=server.url("data.tar.gz")), tmp_path / "raw", cache)
+    assert not (tmp_path / "raw").exists()
+    assert cached(cache) == []
+
+
+def test_http_404_is_an_error(tmp_path: Path, www: Path) -> None:
+    with FileServer(www) as server:
+        with pytest.raises(StageError, match="HTTP 404 .*check fetch.source"):
+            fetch(
+                fetch_params(source=server.url("missing.tar.gz")), tmp_path / "raw", tmp_path / "c"
+            )
+        assert server.count() == 1  # a 404 is not retried
+
+
+def test_unsafe_archive_from_http_is_refused(tmp_path: Path) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    with tarfile.open(www / "evil.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("../../evil.png")
+        tar.addfile(info, io.BytesIO(b""))
+    refused = "refusing the archive .*path traversal"
+    with FileServer(www) as server, pytest.raises(StageError, match=refused):
+        fetch(fetch_params(source=server.url("evil.tar.gz")), tmp_path / "raw", tmp_path / "c")
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "evil.png").exists()
+
+
+# -- local sources and atomicity ------------------------------------------------------------
+
+
+def test_local_archive(tmp_path: Path, www: Path, images: dict[str, bytes]) -> None:
+    archive = www / "data.tar.gz"
+    result = fetch(fetch_params(source=str(archive)), tmp_path / "raw", tmp_path / "cache")
+    assert tree(tmp_path / "raw" / "images") == images
+    assert result.sha256 == sha256(archive) and result.origin == str(archive)
+    with pytest.raises(StageError, match=f"expected {'1' * 64}, got {sha256(archive)}"):
+        fetch(
+            fetch_params(source=str(archive), sha256="1" * 64),
+            tmp_path / "raw2",
+            tmp_path / "cache",
+        )
+    assert archive.exists()  # a local archive is never deleted
+
+
+def test_local_folder(tmp_path: Path, images: dict[str, bytes]) -> None:
+    folder = tmp_path / "dataset"
+    for name, data in images.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the dataset")
+    (folder / "cat" / "escape.png").symlink_to(secret)
+    (folder / "dog" / "alias.png").symlink_to(folder / "cat" / "0.png")
+    (folder / "outside_dir").symlink_to(tmp_path, target_is_directory=True)
+    os.mkfifo(folder / "dog" / "pipe")
+
+    result = fetch(fetch_params(source=str(folder)), tmp_path / "raw", tmp_path / "cache")
+    copied = tree(tmp_path / "raw" / "images")
+    assert copied == {**images, "dog/alias.png": images["cat/0.png"]}
+    assert not (tmp_path / "raw" / "images" / "dog" / "alias.png").is_symlink()
+    assert result.kind == "folder" and result.files == len(images) + 1
+    assert sorted(result.details["skipped"]) == [
+        "cat/escape.png (symlink to outside the folder)",
+        "dog/pipe (not a regular file)",
+        "outside_dir (symlinked folder)",
+    ]
+
+
+def test_failed_fetch_leaves_the_previous_output_intact(
+    tmp_path: Path, www: Path, images: dict[str, bytes]
+) -> None:
+    out = tmp_path / "raw"
+    fetch(fetch_params(source=str(www / "data.tar.gz")), out, tmp_path / "cache")
+    before = tree(out)
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes((www / "data.tar.gz").read_bytes()[:100_000])  # truncated
+    for source in (str(broken), str(tmp_path / "missing"), "builtin:nope"):
+        with pytest.raises(StageError):
+            fetch(fetch_params(source=source), out, tmp_path / "cache")
+        assert tree(out) == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders
+
+
+def test_sha256_with_a_builtin_source_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(StageError, match="fetch.sha256 is set but"):
+        fetch(
+            fetch_params(source="builtin:digits", sha256="2" * 64), tmp_path / "raw", tmp_path / "c"
+        )
+
+
+def test_result_is_what_source_json_holds(tmp_path: Path, www: Path) -> None:
+    result = fetch(fetch_params(source=str(www / "data.tar.gz")), tmp_path / "raw", tmp_path / "c")
+    saved = json.loads((tmp_path / "raw" / "source.json").read_text())
+    assert FetchResult(**saved) == result
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def run_cli(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
+    params = tmp_path / "params.yaml"
+    params.write_text(f"fetch:\n  source: {json.dumps(source)}\n")
+    env = {**os.environ, "TLP_NO_PROGRESS": "1"}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tasks.fetch",
+            "--out",
+            str(tmp_path / "raw"),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--params",
+            str(params),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("ftp://x", "unsupported URL scheme 'ftp'"),
+        ("no/such/folder", "does not exist"),
+    ],
+)
+def test_cli_bad_source(tmp_path: Path, source: str, message: str) -> None:
+    done = run_cli(tmp_path, source)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR: fetch:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "raw").exists()
+
+
+def test_cli_builtin_digits(tmp_path: Path) -> None:
+    done = run_cli(tmp_path, "builtin:digits")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "raw" / "source.json").read_text())["files"] == 1797
