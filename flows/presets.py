@@ -55,7 +55,9 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def apply_preset(name: str, params_path: Path = Path("params.yaml"), presets_dir: Path = PRESETS_DIR) -> dict:
+def apply_preset(
+    name: str, params_path: Path = Path("params.yaml"), presets_dir: Path = PRESETS_DIR
+) -> dict:
     """Merge a preset into ``params_path`` after validating the result.
 
     Returns:

@@ -30,7 +30,9 @@ class Evaluation:
     confusion: np.ndarray
 
 
-def predict_split(model, prepared: Prepared, split: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def predict_split(
+    model, prepared: Prepared, split: str, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and true labels for a whole split, batch by batch."""
     probabilities, labels = [], []
     for images, y in prepared.batches(split, batch_size):
@@ -41,7 +43,9 @@ def predict_split(model, prepared: Prepared, split: str, batch_size: int) -> tup
     return np.concatenate(probabilities), np.concatenate(labels)
 
 
-def compute_metrics(probabilities: np.ndarray, y_true: np.ndarray, classes: list[str], top_k: int) -> Evaluation:
+def compute_metrics(
+    probabilities: np.ndarray, y_true: np.ndarray, classes: list[str], top_k: int
+) -> Evaluation:
     """All metrics from probabilities and labels (pure: no model, no files).
 
     Args:
@@ -98,7 +102,15 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
     if len(classes) <= 30:
         for (i, j), count in np.ndenumerate(confusion):
             shade = confusion[i, j] / rows[i, 0] > 0.5
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if shade else "black")
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if shade else "black",
+            )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -129,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             evaluation.confusion, prepared.classes, args.plot,
             f"test accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f} (n={m['test_images']})",
         )  # fmt: skip
-        with atomic_path(args.confusion) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        with (
+            atomic_path(args.confusion) as tmp,
+            tmp.open("w", newline="", encoding="utf-8") as handle,
+        ):
             writer = csv.writer(handle)
             writer.writerow(["actual", "predicted"])
             writer.writerows(
