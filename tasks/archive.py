@@ -520,6 +520,11 @@ def _as_archive_error(exc: BaseException, archive: Path, fmt: str) -> BaseExcept
         return ArchiveError(f"{archive.name} is corrupt or truncated ({fmt}): {exc}")
     if isinstance(exc, NotImplementedError):  # e.g. a zip compression method Python lacks
         return ArchiveError(f"{archive.name} uses an unsupported feature: {exc}")
+    if isinstance(exc, OSError) and exc.errno == errno.EEXIST:
+        return ArchiveError(
+            f"{archive.name} holds two members that name the same file on this file system "
+            f"(e.g. names that differ only in case): {exc}"
+        )
     if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
         return ArchiveError(f"{archive.name} holds a path too long for this file system: {exc}")
     return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.common import StageError, atomic_path, log, run_stage, write_json
+from tasks.common import atomic_path, log, run_stage, write_json
 from tasks.params import BackboneParams, SimpleCnnParams, load_params
 
 
@@ -56,13 +56,20 @@ ARCHS: dict[str, Arch] = {
     **_family("densenet", {n: f"DenseNet{n}" for n in ("121", "169", "201")}, "torch"),
     **_family(
         "convnext_",
-        {n: f"ConvNeXt{n.capitalize()}" for n in ("tiny", "small", "base", "large", "xlarge")},
+        {
+            "tiny": "ConvNeXtTiny",
+            "small": "ConvNeXtSmall",
+            "base": "ConvNeXtBase",
+            "large": "ConvNeXtLarge",
+            "xlarge": "ConvNeXtXLarge",
+        },
         "raw",
     ),
     "inception_v3": Arch("InceptionV3", "tf", 75),
     "inception_resnet_v2": Arch("InceptionResNetV2", "tf", 75),
     "xception": Arch("Xception", "tf", 71),
     "nasnet_mobile": Arch("NASNetMobile", "tf"),
+    "nasnet_large": Arch("NASNetLarge", "tf"),
 }
 SIMPLE_CNN = "simple_cnn"
 
@@ -111,7 +118,11 @@ class BackboneInfo:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
-        return {**self.__dict__, "image_size": list(self.image_size), "feature_shape": list(self.feature_shape)}
+        return {
+            **self.__dict__,
+            "image_size": list(self.image_size),
+            "feature_shape": list(self.feature_shape),
+        }
 
 
 def sha256_file(path: Path) -> str:
@@ -172,10 +183,8 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
     Raises:
         ValueError: unknown arch, bad weights, or an input size the arch cannot take.
     """
-    import keras
-
-    from tasks.layers import Preprocess
-
+    # Everything that can be checked without TensorFlow is checked first: a typo fails in a
+    # second, and an unsafe weights file is refused before any Keras loader sees it.
     arch = resolve_arch(params.arch)
     weights = params.weights.strip()
     height, width = image_size
@@ -186,8 +195,6 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
                 "backbone.weights must be 'none' for simple_cnn (it is trained from scratch); "
                 f"got {weights!r}"
             )
-        base = _simple_cnn(params.simple_cnn, image_size)
-        preprocessing, pretrained, weights = "rescale", False, "none"
     else:
         spec = ARCHS[arch]
         if min(height, width) < spec.min_size:
@@ -195,21 +202,46 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
                 f"{arch} needs images of at least {spec.min_size}x{spec.min_size}; "
                 f"prepare.image_size is {list(image_size)}. Raise prepare.image_size."
             )
+        if weights.lower() not in ("imagenet", "none", ""):
+            _check_weights_file(Path(weights))
+            weights_sha = sha256_file(Path(weights))
+
+    import keras
+
+    from tasks.layers import Preprocess
+
+    # Layers that are not loaded from a file start from seeded random weights, so two runs
+    # of the stage build the same backbone (and training from scratch is reproducible).
+    keras.utils.set_random_seed(params.seed)
+    if arch == SIMPLE_CNN:
+        base = _simple_cnn(params.simple_cnn, image_size)
+        preprocessing, pretrained, weights = "rescale", False, "none"
+    else:
         if weights.lower() == "imagenet":
             keras_weights, pretrained = "imagenet", True
         elif weights.lower() in ("none", ""):
             keras_weights, pretrained, weights = None, False, "none"
         else:
-            path = Path(weights)
-            _check_weights_file(path)
-            keras_weights, pretrained, weights_sha = str(path), True, sha256_file(path)
+            keras_weights, pretrained = weights, True
         constructor = getattr(keras.applications, spec.constructor)
         try:
             base = constructor(
                 include_top=False, weights=keras_weights, input_shape=(height, width, 3)
             )
         except ValueError as exc:
-            raise ValueError(f"{arch} cannot be built with image_size {list(image_size)}: {exc}") from None
+            raise ValueError(
+                f"{arch} cannot be built with image_size {list(image_size)} and weights "
+                f"{weights!r}: {exc}"
+            ) from None
+        except Exception as exc:
+            # keras.utils.get_file raises a bare Exception when a download fails.
+            if keras_weights == "imagenet" and type(exc) is Exception:
+                raise ValueError(
+                    f"could not download the imagenet weights of {arch} ({exc}). Offline, put "
+                    "the file named in that URL into $KERAS_HOME/models/ (default "
+                    "~/.keras/models/), or set backbone.weights to a local weights file"
+                ) from None
+            raise
         preprocessing = spec.preprocessing
     inputs = keras.Input((height, width, 3), name="pixels")
     features = base(Preprocess(preprocessing, name="preprocess")(inputs))
@@ -249,10 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             keras_path.replace(tmp)
         write_json(args.info, info.to_json())
 
-    try:
-        return run_stage("backbone", body)
-    except StageError:
-        return 1
+    return run_stage("backbone", body)
 
 
 if __name__ == "__main__":

@@ -49,12 +49,20 @@ def atomic_path(target: str | Path, *, directory: bool = False) -> Iterator[Path
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # A killed earlier run may have left its temporary sibling; only one writer runs at a
+    # time (DVC's repo lock and tlp's run lock), so any such leftover is stale.
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        remove(stale)
+    umask = os.umask(0)
+    os.umask(umask)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp.chmod(0o777 & ~umask)
     else:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
         tmp = Path(name)
+        tmp.chmod(0o666 & ~umask)
     try:
         yield tmp
         if directory:
@@ -110,7 +118,7 @@ def run_stage(name: str, body: Callable[[], Any]) -> int:
     setup_logging()
     try:
         body()
-    except (StageError, ParamsError, ValueError, FileNotFoundError) as exc:
+    except (StageError, ParamsError, ValueError, OSError) as exc:
         log.error("%s failed: %s", name, exc)
         print(f"ERROR: {name}: {exc}", file=sys.stderr)
         return 1

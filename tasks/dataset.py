@@ -41,7 +41,9 @@ class Prepared:
             manifest = pd.read_parquet(root / "manifest.parquet")
             report = read_json(root / "report.json")
         except FileNotFoundError as exc:
-            raise StageError(f"{root} is not a prepared dataset ({exc.filename} missing); run the prepare stage") from None
+            raise StageError(
+                f"{root} is not a prepared dataset ({exc.filename} missing); run the prepare stage"
+            ) from None
         return cls(root, list(classes), manifest, tuple(report["image_size"]))
 
     def rows(self, split: str) -> pd.DataFrame:
@@ -123,7 +125,9 @@ class Prepared:
         clock = clock or EpochClock()
 
         def generate():
-            yield from self.batches(split, batch_size, shuffle=shuffle, seed=seed * 100_003 + clock.epoch)
+            yield from self.batches(
+                split, batch_size, shuffle=shuffle, seed=seed * 100_003 + clock.epoch
+            )
 
         height, width = self.image_size
         dataset = tf.data.Dataset.from_generator(
@@ -133,5 +137,7 @@ class Prepared:
                 tf.TensorSpec((None,), tf.int32),
             ),
         )
-        dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.map(
+            lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
         return dataset.prefetch(tf.data.AUTOTUNE)

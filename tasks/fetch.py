@@ -78,6 +78,8 @@ from tasks.common import (
 from tasks.params import FetchParams, load_params
 
 CHUNK_BYTES = 1024 * 1024
+# Small network reads: bytes read when a connection drops are kept for the resume.
+NETWORK_CHUNK_BYTES = 64 * 1024
 RETRY_BACKOFF_S = 0.5
 RETRY_BACKOFF_MAX_S = 8.0
 USER_AGENT = "tlp-fetch/0.1 (+https://dvc.org)"
@@ -349,6 +351,8 @@ def _local_source(value: str, out: Path) -> Path:
             "archive or folder (relative paths are relative to the project root), a URL, "
             "or builtin:digits"
         )
+    if not path.is_dir() and not path.is_file():
+        raise StageError(f"fetch.source {value!r} is neither a regular file nor a folder")
     resolved = path.resolve()
     out_resolved = out.absolute().resolve()
     if path.is_dir() and (
@@ -591,7 +595,7 @@ class _Transfer:
                 ) as bar,
             ):
                 # raw.stream: the bytes exactly as sent (no Content-Encoding decoding).
-                for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
+                for chunk in response.raw.stream(NETWORK_CHUNK_BYTES, decode_content=False):
                     handle.write(chunk)
                     bar.update(len(chunk))
             size = self.part.stat().st_size

@@ -8,21 +8,56 @@ names the key, what was given and what is allowed.
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 STAGES = ("fetch", "prepare", "backbone", "train", "evaluate", "export")
+# numpy and keras.utils.set_random_seed accept seeds in [0, 2**32 - 1].
+MAX_SEED = 2**32 - 1
 
 
 class ParamsError(ValueError):
     """A parameter is missing, unknown or of the wrong type or range."""
 
 
+def _is_numeric(annotation: Any) -> bool:
+    """``int``, ``float`` or a tuple of them: fields where YAML ``true`` is a typo, not a 1."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) is tuple:
+        return all(arg in (int, float, Ellipsis) for arg in typing.get_args(annotation))
+    return False
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: `.inf` / `.nan` in YAML would pass every `gt=0` check and then
+    # break training (an infinite learning rate) far from the typo.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode turns `epochs: true` into 1; a boolean in a numeric field is
+        # almost always a mistake, so refuse it (strings like "1e-3" are still accepted:
+        # PyYAML reads `1e-3` without a dot as a string).
+        annotation = cls.model_fields[info.field_name].annotation
+        items = value if isinstance(value, list | tuple) else [value]
+        if _is_numeric(annotation) and any(isinstance(item, bool) for item in items):
+            raise ValueError("must be a number, not true/false")
+        return value
 
 
 class FetchParams(_Section):
@@ -67,7 +102,9 @@ class PrepareParams(_Section):
     @classmethod
     def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
         if min(value) < 8 or max(value) > 2048:
-            raise ValueError(f"must be two ints between 8 and 2048 (height, width), got {list(value)}")
+            raise ValueError(
+                f"must be two ints between 8 and 2048 (height, width), got {list(value)}"
+            )
         return value
 
     def model_post_init(self, _context: Any) -> None:
@@ -100,6 +137,9 @@ class BackboneParams(_Section):
 
     arch: str = "simple_cnn"
     weights: str = Field("none", description="imagenet | none | path of a local weights file")
+    seed: int = Field(
+        42, ge=0, le=MAX_SEED, description="seeds the initial weights of untrained layers"
+    )
     simple_cnn: SimpleCnnParams = SimpleCnnParams()
 
     @field_validator("arch")
@@ -125,12 +165,14 @@ class TrainParams(_Section):
     learning_rate: float = Field(1e-3, gt=0)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     pooling: Literal["avg", "max", "flatten"] = "avg"
-    dense_units: int = Field(0, ge=0, description="hidden Dense layer before the classifier; 0 = none")
+    dense_units: int = Field(
+        0, ge=0, description="hidden Dense layer before the classifier; 0 = none"
+    )
     monitor: str = "val_loss"
     early_stopping_patience: int = Field(5, ge=0, description="0 disables early stopping")
     augment: bool = False
     feature_cache: bool = True
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     fine_tune: FineTuneParams = FineTuneParams()
 
     @field_validator("monitor")
@@ -177,15 +219,19 @@ def _describe(error: dict[str, Any]) -> str:
         allowed = _allowed_keys(error["loc"][:-1])
         where = f"{section}." if section else ""
         return f"unknown key {where}{error['loc'][-1]} (allowed: {', '.join(allowed)})"
-    given = error.get("input")
-    return f"{key}: {message} (got {given!r})"
+    given = repr(error.get("input"))
+    if len(given) > 200:
+        given = given[:200] + "..."
+    return f"{key}: {message} (got {given})"
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Params
     for part in loc:
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             return []
         model = field.annotation
     return sorted(model.model_fields)
@@ -250,7 +296,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+def load_params(
+    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
+) -> Params:
     """Read, override and validate ``params.yaml``.
 
     Args:

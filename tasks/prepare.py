@@ -23,9 +23,7 @@ import gzip
 import io
 import os
 import struct
-import warnings
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -39,6 +37,7 @@ from tasks.common import StageError, atomic_path, log, progress, read_json, run_
 from tasks.params import PrepareParams, load_params
 
 SPLITS = ("train", "val", "test")
+_LOGGED_REJECTS = 100
 SPLIT_DIR_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -52,6 +51,7 @@ class Item:
     file: Path | None = None  # where to read it; None for IDX images
     data: bytes | None = None  # IDX images arrive as raw pixels, not files
     shape: tuple[int, int] | None = None
+    reason: str = ""  # set when the file is unusable wherever it is (e.g. outside any class)
 
 
 @dataclass
@@ -94,6 +94,11 @@ def find_class_root(root: Path) -> list[tuple[str, Path]]:
     Returns:
         ``(class_name, folder)`` pairs; a class may appear more than once.
     """
+    return _class_folders(root)[0]
+
+
+def _class_folders(root: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
+    """``find_class_root``'s pairs, and the visible files that sit outside every class folder."""
     current = root
     while True:
         subdirs = sorted(p for p in current.iterdir() if p.is_dir() and _visible(p))
@@ -110,15 +115,25 @@ def find_class_root(root: Path) -> list[tuple[str, Path]]:
     if {d.name.lower() for d in subdirs} <= SPLIT_DIR_NAMES:
         pairs = []
         for split_dir in subdirs:
-            pairs += [(d.name, d) for d in sorted(split_dir.iterdir()) if d.is_dir() and _visible(d)]
-        return pairs
-    return [(d.name, d) for d in subdirs]
+            pairs += [
+                (d.name, d) for d in sorted(split_dir.iterdir()) if d.is_dir() and _visible(d)
+            ]
+            files += [p for p in split_dir.iterdir() if p.is_file() and _visible(p)]
+        return pairs, sorted(files)
+    return [(d.name, d) for d in subdirs], sorted(files)
 
 
 def iter_folder(root: Path) -> tuple[list[str], list[Item]]:
-    """List every file under each class folder (sorted, so runs are deterministic)."""
-    pairs = find_class_root(root)
-    items: list[Item] = []
+    """List every file under each class folder (sorted, so runs are deterministic).
+
+    Files beside the class folders belong to no class: they are listed too, as rejects,
+    so that nothing is dropped without a trace.
+    """
+    pairs, strays = _class_folders(root)
+    items: list[Item] = [
+        Item(str(file.relative_to(root.parent)), "", file, reason="not inside a class folder")
+        for file in strays
+    ]
     names = sorted({name for name, _ in pairs})
     for name, folder in pairs:
         for dirpath, dirnames, filenames in os.walk(folder):
@@ -192,6 +207,8 @@ def decode(item: Item, params: PrepareParams) -> Decoded:
 
     Never raises for bad data: the reason lands in ``Decoded.reason``.
     """
+    if item.reason:
+        return Decoded(item, reason=item.reason)
     height, width = params.image_size
     if item.data is not None:  # IDX: raw grayscale pixels
         digest = sha256(item.data).hexdigest()
@@ -207,26 +224,32 @@ def decode(item: Item, params: PrepareParams) -> Decoded:
     if not data:
         return Decoded(item, sha256=digest, reason="empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            w, h = image.size
-            if w * h > params.max_pixels:
-                return Decoded(item, sha256=digest, width=w, height=h,
-                               reason=f"too large: {w}x{h} exceeds prepare.max_pixels={params.max_pixels}")  # fmt: skip
-            if min(w, h) < params.min_side:
-                return Decoded(item, sha256=digest, width=w, height=h,
-                               reason=f"too small: {w}x{h} is under prepare.min_side={params.min_side}")  # fmt: skip
-            if image.format == "JPEG":  # decode at reduced size: far faster for big photos
-                image.draft("RGB", (width * 2, height * 2))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
-            image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        # The header gives the size without decoding: refuse huge and tiny images before any
+        # pixel memory is allocated (PIL's own bomb check, set in `prepare`, backs this up).
+        image = Image.open(io.BytesIO(data))
+        w, h = image.size
+        if w * h > params.max_pixels:
+            return Decoded(item, sha256=digest, width=w, height=h,
+                           reason=f"too large: {w}x{h} exceeds prepare.max_pixels={params.max_pixels}")  # fmt: skip
+        if min(w, h) < params.min_side:
+            return Decoded(item, sha256=digest, width=w, height=h,
+                           reason=f"too small: {w}x{h} is under prepare.min_side={params.min_side}")  # fmt: skip
+        if image.format == "JPEG":  # decode at reduced size: far faster for big photos
+            image.draft("RGB", (width * 2, height * 2))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
+        image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
     except UnidentifiedImageError:
         return Decoded(item, sha256=digest, reason="not an image (unknown format)")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
+        return Decoded(item, sha256=digest, reason=f"too large: {exc}")
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return Decoded(item, sha256=digest, reason=f"corrupt or truncated image: {exc}")
+    except Exception as exc:
+        # Decoders of malformed files raise whatever they hit (struct.error, IndexError,
+        # ZeroDivisionError...). The file is rejected with the reason, never skipped silently.
+        return Decoded(item, sha256=digest, reason=f"corrupt image ({type(exc).__name__}: {exc})")
     return Decoded(item, np.asarray(image, dtype=np.uint8), digest, w, h)
 
 
@@ -283,7 +306,9 @@ def _resolve_classes(
     if small and params.other_class:
         for name in small:
             mapping[name] = params.other_class
-        merged = sum(counts.get(c, 0) for c, target in mapping.items() if target == params.other_class)
+        merged = sum(
+            counts.get(c, 0) for c, target in mapping.items() if target == params.other_class
+        )
         if merged < params.min_images_per_class:
             raise StageError(
                 f"class {params.other_class!r} (merged from {sorted(small)}) has {merged} images, "
@@ -327,6 +352,17 @@ def prepare(params: PrepareParams, raw: Path, out: Path) -> PrepareResult:
     if not items:
         raise StageError(f"no files found under {raw}")
 
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = params.max_pixels  # PIL's decompression-bomb guard, as configured
+    try:
+        return _prepare_items(params, classes, items, out)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _prepare_items(
+    params: PrepareParams, classes: list[str], items: list[Item], out: Path
+) -> PrepareResult:
     writer = _ShardWriter(out / "shards", params.shard_size)
     rows: list[dict] = []
     rejects: list[tuple[str, str]] = []
@@ -365,11 +401,16 @@ def prepare(params: PrepareParams, raw: Path, out: Path) -> PrepareResult:
     n_total = len(items)
     bad_fraction = len(rejects) / n_total
     if bad_fraction > params.max_bad_fraction:
+        for path, reason in rejects[:_LOGGED_REJECTS]:
+            log.warning("prepare: rejected %s: %s", path, reason)
+        if len(rejects) > _LOGGED_REJECTS:
+            log.warning("prepare: ... and %d more rejected files", len(rejects) - _LOGGED_REJECTS)
+        by_reason = Counter(r.split(":")[0] for _, r in rejects)
         sample = "; ".join(f"{p}: {r}" for p, r in rejects[:10])
         raise StageError(
             f"{len(rejects)} of {n_total} files ({bad_fraction:.1%}) are unusable, over "
-            f"prepare.max_bad_fraction={params.max_bad_fraction}. First ones: {sample}. Remove or "
-            "fix them, or raise prepare.max_bad_fraction"
+            f"prepare.max_bad_fraction={params.max_bad_fraction} ({dict(by_reason)}). First ones: "
+            f"{sample}. Remove or fix them, or raise prepare.max_bad_fraction"
         )
     mapping, final = _resolve_classes(Counter(manifest["label"]), classes, params)
     manifest["label"] = manifest["label"].map(mapping)
@@ -438,7 +479,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         params = load_params(args.params)
-        Image.MAX_IMAGE_PIXELS = params.prepare.max_pixels
         with atomic_path(args.out, directory=True) as tmp:
             prepare(params.prepare, args.raw, tmp)
 

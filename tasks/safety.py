@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Any
 
 _OUR_MODULES = {"tasks.layers"}
-_FORBIDDEN_CLASSES = {"Lambda", "TFSMLayer", "TorchModuleWrapper", "JaxLayer", "FlaxLayer"}
+# "__lambda__" is how Keras serializes a Python lambda (marshalled bytecode) anywhere in a
+# config, e.g. as an activation; the others wrap foreign code (SavedModel, pickled torch).
+_FORBIDDEN_CLASSES = {
+    "Lambda",
+    "__lambda__",
+    "TFSMLayer",
+    "TorchModuleWrapper",
+    "JaxLayer",
+    "FlaxLayer",
+}
+_MAX_CONFIG_BYTES = 64 * 1024 * 1024  # a real model config is kilobytes to a few megabytes
 
 
 class UnsafeModelError(ValueError):
@@ -51,8 +61,11 @@ def check_config(config: Any, source: str) -> None:
         module = node.get("module")
         registered = node.get("registered_name") or ""
         ours = module in _OUR_MODULES and registered.startswith("tlp>")
-        if isinstance(module, str) and module and not ours and not (
-            module == "keras" or module.startswith("keras.") or module == "builtins"
+        if (
+            isinstance(module, str)
+            and module
+            and not ours
+            and not (module == "keras" or module.startswith("keras.") or module == "builtins")
         ):
             raise UnsafeModelError(
                 f"{source}: refusing to load: it names module {module!r} (class {class_name!r}); "
@@ -84,23 +97,49 @@ def check_model_file(path: str | Path) -> None:
             with zipfile.ZipFile(path) as archive:
                 names = set(archive.namelist())
                 if "config.json" in names:
-                    check_config(json.loads(archive.read("config.json")), str(path))
-        except (zipfile.BadZipFile, json.JSONDecodeError) as exc:
+                    if archive.getinfo("config.json").file_size > _MAX_CONFIG_BYTES:
+                        raise UnsafeModelError(
+                            f"{path}: refusing to load: config.json is too large"
+                        )
+                    _check_json(archive.read("config.json"), str(path))
+        except (zipfile.BadZipFile, OSError) as exc:
             raise ValueError(f"{path}: not a valid .keras archive ({exc})") from None
         return
     if magic == b"\x89HDF\r\n\x1a\n":
         import h5py
 
-        with h5py.File(path, "r") as handle:
-            raw = handle.attrs.get("model_config")
-        if raw is not None:
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            check_config(json.loads(text), str(path))
+        try:
+            with h5py.File(path, "r") as handle:
+                # A legacy full-model .h5 keeps its architecture in `model_config` and its
+                # compile settings (losses, metrics: possibly lambdas) in `training_config`.
+                raws = [handle.attrs.get(key) for key in ("model_config", "training_config")]
+        except OSError as exc:
+            raise ValueError(f"{path}: not a readable HDF5 weights file ({exc})") from None
+        for raw in raws:
+            if raw is not None:
+                _check_json(raw.decode() if isinstance(raw, bytes) else str(raw), str(path))
         return
     raise ValueError(
         f"{path}: not a Keras weights file (expected a .h5 / .weights.h5 HDF5 file or a .keras "
         "archive)"
     )
+
+
+def _check_json(text: str | bytes, source: str) -> None:
+    try:
+        config = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{source}: the model config is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise UnsafeModelError(
+            f"{source}: refusing to load: the config is nested too deeply"
+        ) from None
+    try:
+        check_config(config, source)
+    except RecursionError:
+        raise UnsafeModelError(
+            f"{source}: refusing to load: the config is nested too deeply"
+        ) from None
 
 
 def load_model_safely(path: str | Path, **kwargs: Any):

@@ -13,7 +13,9 @@ It binds ``127.0.0.1`` on a free port and serves each request in its own thread.
 - ``throttle_bps``: send at most this many bytes per second (e.g. to SIGKILL a client
   mid-download);
 - ``drop_after_bytes`` / ``drop_requests``: for the first ``drop_requests`` GETs, close the
-  connection after that many body bytes, as a flaky network does;
+  connection after that many body bytes, as a flaky network does; ``drop_reset=True`` cuts
+  it with a TCP reset instead of a clean close (the client may then lose bytes it had not
+  read yet, so the number of bytes it keeps is not exact);
 - ``error_status`` / ``error_requests``: answer the first ``error_requests`` GETs with this
   status (e.g. 503);
 - ``html``: answer with an HTML page and status 200, as a login or "not found" page does
@@ -66,6 +68,7 @@ class FileServer:
         throttle_bps: most body bytes per second per response; ``None`` for no limit.
         drop_after_bytes: close the connection after this many body bytes ...
         drop_requests: ... for this many of the first GET requests.
+        drop_reset: cut with a TCP reset (RST) rather than a clean close (FIN).
         error_status: answer with this HTTP status ...
         error_requests: ... for this many of the first GET requests.
         html: answer with an HTML page (status 200): ``True`` for all paths, or the paths.
@@ -80,6 +83,7 @@ class FileServer:
         throttle_bps: int | None = None,
         drop_after_bytes: int | None = None,
         drop_requests: int = 1,
+        drop_reset: bool = False,
         error_status: int | None = None,
         error_requests: int = 1,
         html: bool | Collection[str] = False,
@@ -90,6 +94,7 @@ class FileServer:
         self.throttle_bps = throttle_bps
         self.drop_after_bytes = drop_after_bytes
         self.drop_requests = drop_requests
+        self.drop_reset = drop_reset
         self.error_status = error_status
         self.error_requests = error_requests
         self.html = html
@@ -292,13 +297,13 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                     server._stopping.wait(ahead)
 
         def _drop(self) -> None:
-            """Cut the connection abruptly (RST), mid-body."""
+            """Cut the connection mid-body: a clean close, or a reset (RST)."""
             self.close_connection = True
             try:
                 self.wfile.flush()
-                self.connection.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                )
+                if server.drop_reset:
+                    linger = struct.pack("ii", 1, 0)
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
                 self.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass

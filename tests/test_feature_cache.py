@@ -1,0 +1,189 @@
+"""The train stage's feature cache (``tasks.train.cached_features``), in process.
+
+A small simple_cnn backbone flagged as pretrained stands in for an ImageNet model (its
+random weights stay frozen, so its features are as fixed as a real pretrained backbone's);
+the data are scikit-learn's digits prepared at 16x16 by the real prepare stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tasks.train
+from tasks.dataset import Prepared
+from tasks.evaluate import predict_split
+from tasks.params import BackboneParams, PrepareParams, TrainParams
+from tasks.prepare import prepare
+from tasks.train import TrainPaths, train
+
+IMAGE_SIZE = (16, 16)
+TRAIN = {
+    "epochs": 8,
+    "batch_size": 32,
+    "learning_rate": 0.003,
+    "dropout": 0.1,
+    "pooling": "flatten",
+    "dense_units": 64,
+    "early_stopping_patience": 0,
+    "feature_cache": True,
+    "seed": 7,
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Prepared:
+    """Digits as PNG class folders, through the real prepare stage."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    digits = load_digits()
+    for index, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        folder = root / "raw" / "images" / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image * (255 / 16)).astype(np.uint8)
+        Image.fromarray(pixels, "L").save(folder / f"{index:04d}.png")
+    prepare(PrepareParams(image_size=IMAGE_SIZE), root / "raw", root / "prepared")
+    return Prepared.open(root / "prepared")
+
+
+def make_backbone(folder: Path, seed: int) -> tuple[Path, dict]:
+    """A saved simple_cnn backbone whose info says ``pretrained`` (so train freezes it)."""
+    from tasks.backbone import build_backbone
+
+    params = BackboneParams(arch="simple_cnn", seed=seed, simple_cnn={"filters": [8, 16]})
+    model, info = build_backbone(params, IMAGE_SIZE)
+    path = folder / f"backbone-{seed}.keras"
+    model.save(path)
+    return path, {**info.to_json(), "pretrained": True}
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> tuple[Path, dict]:
+    return make_backbone(tmp_path_factory.mktemp("backbone"), seed=1)
+
+
+@pytest.fixture
+def extractions(monkeypatch) -> list[str]:
+    """Records every split the backbone is run on to extract features."""
+    calls: list[str] = []
+    original = tasks.train.extract_features
+
+    def spy(backbone, prepared, split, pooling, batch_size):
+        calls.append(split)
+        return original(backbone, prepared, split, pooling, batch_size)
+
+    monkeypatch.setattr(tasks.train, "extract_features", spy)
+    return calls
+
+
+def run_train(tmp_path: Path, backbone, prepared: Prepared, name: str, **changes):
+    """Call ``tasks.train.train`` with a fresh backup folder and the shared feature folder."""
+    from tasks.safety import load_model_safely
+
+    path, info = backbone
+    params = TrainParams(**{**TRAIN, **changes})
+    paths = TrainPaths(
+        model=tmp_path / name / "model.keras",
+        backup=tmp_path / name / "backup",
+        features=tmp_path / "features",
+    )
+    loaded = load_model_safely(path, compile=False)
+    return train(params, loaded, info, prepared, paths, path)
+
+
+def accuracy_on_test_split(model, prepared: Prepared) -> float:
+    probabilities, labels = predict_split(model, prepared, "test", 256)
+    return float((probabilities.argmax(1) == labels).mean())
+
+
+def cache_files(folder: Path) -> dict[str, int]:
+    """``key/split.npy`` → modification time (ns) of every cached feature file."""
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.glob("*/*.npy"))
+    }
+
+
+@pytest.mark.slow
+def test_cached_features_train_as_well_as_the_naive_path(tmp_path, prepared, backbone, extractions):
+    cached = run_train(tmp_path, backbone, prepared, "cached")
+    assert cached.used_feature_cache and sorted(extractions) == ["train", "val"]
+    naive = run_train(tmp_path, backbone, prepared, "naive", feature_cache=False)
+    assert not naive.used_feature_cache and sorted(extractions) == ["train", "val"]
+
+    cached_accuracy = accuracy_on_test_split(cached.model, prepared)
+    naive_accuracy = accuracy_on_test_split(naive.model, prepared)
+    assert naive_accuracy > 0.85, naive_accuracy  # the frozen features are good enough to learn
+    # Same model, data and optimiser; only the batch order differs between the two paths.
+    assert cached_accuracy == pytest.approx(naive_accuracy, abs=0.04)
+    # The cached path returns a full model from raw pixels, like the naive one.
+    assert cached.model.input_shape == naive.model.input_shape == (None, *IMAGE_SIZE, 3)
+    assert len(cached.history["loss"]) == len(naive.history["loss"]) == TRAIN["epochs"]
+
+
+def test_cache_is_reused_then_invalidated_by_backbone_and_data(
+    tmp_path, prepared, backbone, extractions
+):
+    features = tmp_path / "features"
+    first = run_train(tmp_path, backbone, prepared, "first", epochs=1)
+    assert first.used_feature_cache
+    assert sorted(extractions) == ["train", "val"]
+    stored = cache_files(features)
+    assert len(stored) == 2
+    (key,) = {Path(name).parent.name for name in stored}
+    train_features = np.load(features / key / "train.npy")
+    assert train_features.shape == (prepared.count("train"), 4 * 4 * 16)
+
+    # A second run on the same backbone file and data: a hit, nothing recomputed or rewritten.
+    extractions.clear()
+    second = run_train(tmp_path, backbone, prepared, "second", epochs=1)
+    assert second.used_feature_cache and extractions == []
+    assert cache_files(features) == stored
+
+    # Other backbone weights: a miss, and the stale entry is deleted (one key is kept).
+    other = make_backbone(tmp_path, seed=2)
+    run_train(tmp_path, other, prepared, "other-backbone", epochs=1)
+    assert sorted(extractions) == ["train", "val"]
+    after_backbone = cache_files(features)
+    assert len(after_backbone) == 2 and not set(after_backbone) & set(stored)
+
+    # Other data (ten training images fewer): a miss again, with features for the new split.
+    extractions.clear()
+    manifest = prepared.manifest
+    dropped = manifest.drop(manifest.index[manifest["split"] == "train"][:10]).reset_index(
+        drop=True
+    )
+    fewer = Prepared(prepared.root, prepared.classes, dropped, prepared.image_size)
+    run_train(tmp_path, other, fewer, "fewer-images", epochs=1)
+    assert sorted(extractions) == ["train", "val"]
+    after_data = cache_files(features)
+    assert len(after_data) == 2 and not set(after_data) & set(after_backbone)
+    (new_key,) = {Path(name).parent.name for name in after_data}
+    assert len(np.load(features / new_key / "train.npy")) == prepared.count("train") - 10
+
+
+@pytest.mark.parametrize(
+    ("changes", "info_changes"),
+    [
+        ({"augment": True}, {}),
+        ({"fine_tune": {"enabled": True, "layers": 2, "epochs": 1}}, {}),
+        ({"feature_cache": False}, {}),
+        ({}, {"pretrained": False}),  # a backbone trained from scratch must see every epoch
+    ],
+    ids=["augment", "fine-tune", "switched-off", "not-pretrained"],
+)
+def test_cache_is_off_when_the_backbone_output_can_change(
+    tmp_path, prepared, backbone, extractions, changes, info_changes
+):
+    path, info = backbone
+    result = run_train(
+        tmp_path, (path, {**info, **info_changes}), prepared, "off", epochs=1, **changes
+    )
+    assert not result.used_feature_cache
+    assert extractions == []
+    assert not (tmp_path / "features").exists() or not any((tmp_path / "features").iterdir())
+    assert json.dumps(result.history)  # trained and returned a normal history
