@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Stage commands in dvc.yaml call `python`: make it the venv's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install run test test-fast lint format bench dashboard clean
 

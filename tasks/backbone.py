@@ -276,9 +276,12 @@ def main(argv: list[str] | None = None) -> int:
             model.count_params(), info.feature_shape,
         )  # fmt: skip
         with atomic_path(args.out) as tmp:
-            keras_path = tmp.with_suffix(".keras")
-            model.save(keras_path)
-            keras_path.replace(tmp)
+            keras_path = tmp.with_suffix(".keras")  # Keras insists on the extension
+            try:
+                model.save(keras_path)
+                keras_path.replace(tmp)
+            finally:
+                keras_path.unlink(missing_ok=True)
         write_json(args.info, info.to_json())
 
     return run_stage("backbone", body)

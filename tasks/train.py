@@ -9,8 +9,20 @@
   stays frozen), recompile at a lower learning rate, continue.
 
 Each phase checkpoints the best epoch (``ModelCheckpoint(save_best_only=True)`` semantics,
-written atomically) and keeps a ``BackupAndRestore`` backup, so a killed run resumes from
-its last complete epoch. A backup made with other settings is refused, not mixed in.
+crash-safe, best value persisted) and keeps a per-epoch backup of weights and optimizer
+state (a crash-safe ``BackupAndRestore``), so a killed run resumes from its last complete
+epoch. A backup made with other settings is refused, not mixed in; a run whose loss turns
+NaN/inf stops with an error and writes no model.
+
+Backup folder (``--backup``)::
+
+    fingerprint.txt                 settings, backbone and data the backup belongs to
+    best-<phase>.json               {best, epoch, file}: the best value and its checkpoint
+    best-<phase>-e<epoch>.keras     that checkpoint
+    <phase>/epoch-<n>.weights.h5    weights + optimizer after n complete epochs
+    <phase>/epoch-<n>.json          the logs of those n epochs
+    <phase>.done.json               the phase finished (a rerun skips it)
+    diverged.txt                    the run diverged: a rerun with other settings discards it
 """
 
 from __future__ import annotations
@@ -19,15 +31,25 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from tasks.common import StageError, atomic_path, log, read_json, run_stage, set_determinism, write_json
+from tasks.common import (
+    StageError,
+    atomic_path,
+    log,
+    read_json,
+    run_stage,
+    set_determinism,
+    write_json,
+)
 from tasks.dataset import EpochClock, Prepared
 from tasks.params import TrainParams, load_params
 
@@ -65,42 +87,125 @@ def _better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
-def _callbacks_module():
+class DivergedError(StageError):
+    """The loss or the monitored metric became NaN or infinite."""
+
+
+BACKUP_EPOCH_GLOB = "epoch-*.weights.h5"
+
+
+def latest_backup(folder: Path) -> tuple[int, Path | None]:
+    """The newest complete epoch backup in ``folder``: ``(epochs completed, weights file)``.
+
+    A backup file gets its final name only once fully written (see ``EpochBackup``), so a
+    run killed mid-write leaves at worst a hidden temporary file, which is ignored here.
+    """
+    best: tuple[int, Path | None] = (0, None)
+    if folder.is_dir():
+        for file in folder.glob(BACKUP_EPOCH_GLOB):
+            number = file.name.removeprefix("epoch-").removesuffix(".weights.h5")
+            if number.isdigit() and int(number) > best[0]:
+                best = (int(number), file)
+    return best
+
+
+def keras_callbacks() -> SimpleNamespace:
+    """The Keras callbacks of this stage (defined lazily, so importing this module is cheap).
+
+    Returns:
+        A namespace with ``BestCheckpoint``, ``EpochBackup``, ``EpochClockCallback`` and
+        ``NanGuard``.
+    """
     import keras
 
-    class AtomicBestCheckpoint(keras.callbacks.Callback):
-        """``ModelCheckpoint(save_best_only=True)``, written atomically, best value persisted.
+    class BestCheckpoint(keras.callbacks.Callback):
+        """``ModelCheckpoint(save_best_only=True)``, crash-safe, with its best value persisted.
 
         Keras' own callback forgets its best value when a run restarts, so after a resume a
-        worse epoch could overwrite the best file; here the best value lives in a JSON file
-        beside the checkpoint and survives the crash.
+        worse epoch could overwrite the best file. Here each improvement is written to its
+        own file, ``best-<phase>-e<epoch>.keras`` (to a temporary name, then renamed), and
+        only then ``best-<phase>.json`` is replaced atomically to point at it, with the
+        value. The JSON is the single source of truth: whenever the process dies, the file it
+        names is complete and its value is the one recorded.
         """
 
-        def __init__(self, path: Path, monitor: str, phase: str):
+        def __init__(self, folder: Path, monitor: str, phase: str):
             super().__init__()
-            self.path, self.monitor, self.phase = path, monitor, phase
-            self.state_path = path.with_suffix(".json")
+            self.folder, self.monitor, self.phase = folder, monitor, phase
+            self.state_path = folder / f"best-{phase}.json"
             self.mode = _mode(monitor)
-            state = read_json(self.state_path) if self.state_path.exists() and path.exists() else {}
-            self.best = state.get("best")
-            self.best_epoch = state.get("epoch", -1)
+            self.best: float | None = None
+            self.best_epoch = -1
+            self.path: Path | None = None
+            state = read_json(self.state_path) if self.state_path.exists() else {}
+            if state.get("file") and (folder / state["file"]).is_file():
+                self.best, self.best_epoch = state["best"], state["epoch"]
+                self.path = folder / state["file"]
+            for stale in folder.glob(f"best-{phase}-e*.keras"):
+                if stale != self.path:  # written, but the process died before the JSON moved
+                    stale.unlink()
+            for stale in folder.glob(f".best-{phase}-*"):
+                stale.unlink()  # temporary files of a write that was killed
 
         def on_epoch_end(self, epoch, logs=None):
             value = (logs or {}).get(self.monitor)
             if value is None:
-                raise StageError(f"train.monitor {self.monitor!r} is not a logged metric: {sorted(logs or {})}")
+                raise StageError(
+                    f"train.monitor {self.monitor!r} is not a logged metric: {sorted(logs or {})}"
+                )
             value = float(value)
-            if _better(value, self.best, self.mode):
-                log.info("epoch %d: %s improved to %.5f, saving checkpoint", epoch + 1, self.monitor, value)
-                with atomic_path(self.path) as tmp:
-                    keras_tmp = tmp.with_suffix(".keras")
-                    self.model.save(keras_tmp)
-                    keras_tmp.replace(tmp)
-                self.best, self.best_epoch = value, epoch
-                self._write_state()
+            if not _better(value, self.best, self.mode):
+                return
+            log.info(
+                "epoch %d: %s improved to %.5f, saving checkpoint", epoch + 1, self.monitor, value
+            )
+            self.folder.mkdir(parents=True, exist_ok=True)
+            target = self.folder / f"best-{self.phase}-e{epoch + 1:04d}.keras"
+            tmp = self.folder / f".best-{self.phase}-e{epoch + 1:04d}.tmp.keras"
+            self.model.save(tmp)
+            os.replace(tmp, target)
+            write_json(
+                self.state_path,
+                {"best": value, "epoch": epoch, "phase": self.phase, "file": target.name},
+            )
+            previous, self.path = self.path, target
+            self.best, self.best_epoch = value, epoch
+            if previous is not None and previous != target:
+                previous.unlink(missing_ok=True)
 
-        def _write_state(self):
-            write_json(self.state_path, {"best": self.best, "epoch": self.best_epoch, "phase": self.phase})
+    class EpochBackup(keras.callbacks.Callback):
+        """A crash-safe ``keras.callbacks.BackupAndRestore``.
+
+        Keras' callback overwrites ``latest.weights.h5`` in place and writes the epoch number
+        to a second file: a kill during the write leaves a corrupt backup (the rerun crashes)
+        or weights one epoch ahead of the recorded epoch (the rerun trains an extra epoch).
+        Here the weights, optimizer state included, go to a temporary file renamed to
+        ``epoch-<n>.weights.h5`` only when complete; the epoch number is in the name, and
+        the logs of all epochs so far are written beside it first. Restoring is done by
+        :func:`restore_backup` before ``fit`` (which then gets ``initial_epoch``).
+        """
+
+        def __init__(self, folder: Path, history: dict[str, list[float]]):
+            super().__init__()
+            self.folder = folder
+            self.history = history  # logs of the epochs before this run (from the backup)
+
+        def on_epoch_end(self, epoch, logs=None):
+            for key, value in (logs or {}).items():
+                self.history.setdefault(key, []).append(float(value))
+            self.folder.mkdir(parents=True, exist_ok=True)
+            done = epoch + 1
+            state = {
+                "history": self.history,
+                "rng_states": [v.numpy().tolist() for v in _rng_states(self.model)],
+            }
+            write_json(self.folder / f"epoch-{done:04d}.json", state)
+            tmp = self.folder / f".epoch-{done:04d}.tmp.weights.h5"
+            self.model.save_weights(tmp)
+            os.replace(tmp, self.folder / f"epoch-{done:04d}.weights.h5")  # the commit point
+            for old in self.folder.iterdir():
+                if not old.name.startswith(f"epoch-{done:04d}."):
+                    old.unlink()
 
     class EpochClockCallback(keras.callbacks.Callback):
         def __init__(self, clock: EpochClock):
@@ -120,13 +225,56 @@ def _callbacks_module():
         def on_train_batch_end(self, batch, logs=None):
             loss = (logs or {}).get("loss")
             if loss is not None and not np.isfinite(float(loss)):
-                raise StageError(
+                raise DivergedError(
                     f"training diverged: the loss became {float(loss)} at batch {batch}. Lower "
-                    f"train.learning_rate (now {self.learning_rate}) or check the data; the previous "
-                    "model and the resume backup were left as they were"
+                    f"train.learning_rate (now {self.learning_rate}) or check the data; no model "
+                    "was written, and the previous model and the resume backup were left as "
+                    "they were"
                 )
 
-    return AtomicBestCheckpoint, EpochClockCallback, NanGuard
+    return SimpleNamespace(
+        BestCheckpoint=BestCheckpoint,
+        EpochBackup=EpochBackup,
+        EpochClockCallback=EpochClockCallback,
+        NanGuard=NanGuard,
+    )
+
+
+def restore_backup(model, folder: Path) -> tuple[int, dict[str, list[float]]]:
+    """Load the newest epoch backup of ``folder`` into ``model`` (compiled).
+
+    Returns:
+        ``(epochs completed, logs of those epochs)``; ``(0, {})`` when there is no backup.
+    """
+    done, weights = latest_backup(folder)
+    if weights is None:
+        return 0, {}
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)  # so its state can be loaded too
+    try:
+        model.load_weights(weights)
+    except (OSError, ValueError) as exc:
+        raise StageError(
+            f"the resume backup {weights} cannot be loaded ({exc}); delete {folder.parent} to "
+            "start the training over"
+        ) from None
+    state = read_json(weights.with_name(f"epoch-{done:04d}.json"))
+    rng_states = _rng_states(model)
+    if len(rng_states) == len(state["rng_states"]):
+        for variable, value in zip(rng_states, state["rng_states"], strict=True):
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+    log.info("resuming from the backup of epoch %d in %s", done, folder)
+    return done, state["history"]
+
+
+def _rng_states(model) -> list:
+    """The model's random-generator states (e.g. Dropout's): variables, but not weights.
+
+    ``save_weights`` leaves them out; restoring them too makes a resumed run draw the same
+    dropout masks as an uninterrupted one, so it ends with the same weights.
+    """
+    weight_ids = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weight_ids]
 
 
 def fingerprint(params: TrainParams, backbone_file: Path, prepared: Prepared) -> str:
@@ -145,18 +293,33 @@ def pd_hash(prepared: Prepared) -> bytes:
     return hashlib.sha256("\n".join(cols.agg("|".join, axis=1)).encode()).digest()
 
 
+DIVERGED_MARK = "diverged.txt"
+
+
 def _check_backup(backup: Path, print_: str) -> None:
+    """Refuse a backup made with other settings; stamp the folder with this run's fingerprint.
+
+    The backup of a run that diverged is the exception: its settings must change anyway
+    (usually the learning rate), so it is discarded with a warning instead of refused.
+    """
     stamp = backup / "fingerprint.txt"
     if backup.exists() and any(backup.iterdir()):
         if not stamp.exists() or stamp.read_text().strip() != print_:
-            raise StageError(
-                f"{backup} holds a backup of an interrupted run made with other settings (learning "
-                "rate, backbone, classes or data changed). Resuming would mix two trainings; delete "
-                f"it to start over (rm -rf {backup}) or restore the settings to resume"
-            )
-        log.info("resuming the interrupted run from its backup in %s", backup)
+            if (backup / DIVERGED_MARK).exists():
+                log.warning("discarding the backup of a run that diverged, in %s", backup)
+                shutil.rmtree(backup)
+            else:
+                raise StageError(
+                    f"{backup} holds a backup of an interrupted run made with other settings "
+                    "(learning rate, backbone, classes or data changed). Resuming would mix two "
+                    f"trainings; delete it to start over (rm -rf {backup}) or restore the "
+                    "settings to resume"
+                )
+        else:
+            log.info("resuming the interrupted run from its backup in %s", backup)
     backup.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(print_ + "\n")
+    with atomic_path(stamp) as tmp:  # a kill mid-write must not leave a stamp that mismatches
+        tmp.write_text(print_ + "\n")
 
 
 def _head_layers(params: TrainParams, n_classes: int, feature_rank: int):
@@ -209,7 +372,9 @@ def _compile(model, learning_rate: float) -> None:
     )
 
 
-def extract_features(backbone, prepared: Prepared, split: str, pooling: str, batch_size: int) -> np.ndarray:
+def extract_features(
+    backbone, prepared: Prepared, split: str, pooling: str, batch_size: int
+) -> np.ndarray:
     """Backbone outputs (globally pooled unless ``pooling`` is ``flatten``) for a split."""
     import keras
 
@@ -226,7 +391,11 @@ def extract_features(backbone, prepared: Prepared, split: str, pooling: str, bat
         extractor.predict_on_batch(images.astype(np.float32))
         for images, _ in prepared.batches(split, batch_size)
     ]
-    return np.concatenate(parts).astype(np.float32) if parts else np.empty((0, x.shape[-1]), np.float32)
+    return (
+        np.concatenate(parts).astype(np.float32)
+        if parts
+        else np.empty((0, x.shape[-1]), np.float32)
+    )
 
 
 def cached_features(
@@ -244,7 +413,11 @@ def cached_features(
     log.info("feature cache miss: extracting backbone features once into %s", target)
     started = time.perf_counter()
     features = {s: extract_features(backbone, prepared, s, pooling, batch_size) for s in splits}
-    log.info("extracted %d feature vectors in %.1fs", sum(len(f) for f in features.values()), time.perf_counter() - started)
+    log.info(
+        "extracted %d feature vectors in %.1fs",
+        sum(len(f) for f in features.values()),
+        time.perf_counter() - started,
+    )
     if folder.exists():
         for old in folder.iterdir():
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
@@ -258,33 +431,61 @@ def _fit_phase(
     *, model, phase: str, epochs: int, train_data, val_data, params: TrainParams,
     paths: TrainPaths, clock: EpochClock, live, learning_rate: float, initial_best=None,
 ) -> tuple[dict[str, list[float]], Any]:  # fmt: skip
+    """Fit one phase with checkpoints and a resumable backup; skip it if it already finished.
+
+    Returns:
+        The logs of every epoch of the phase (those before a resume included), and the
+        phase's ``BestCheckpoint``.
+    """
     import keras
 
-    AtomicBestCheckpoint, EpochClockCallback, NanGuard = _callbacks_module()
-    checkpoint = AtomicBestCheckpoint(paths.backup / f"best-{phase}.keras", params.monitor, phase)
+    cbs = keras_callbacks()
+    checkpoint = cbs.BestCheckpoint(paths.backup, params.monitor, phase)
     if initial_best is not None and _better(initial_best, checkpoint.best, _mode(params.monitor)):
         checkpoint.best = initial_best  # phase 2 saves only what beats phase 1
+    done_file = paths.backup / f"{phase}.done.json"
+    if done_file.exists():  # killed after this phase finished: do not train it again
+        log.info("phase %s already finished before the interruption; skipping it", phase)
+        return read_json(done_file)["history"], checkpoint
+    folder = paths.backup / phase
+    initial_epoch, history = restore_backup(model, folder)
+    # The checkpoint comes before the backup: if the process dies while the best model is
+    # written, the epoch is not yet marked done and is trained again on resume.
     callbacks = [
-        EpochClockCallback(clock),
-        NanGuard(learning_rate),
-        keras.callbacks.BackupAndRestore(str(paths.backup / phase), delete_checkpoint=True),
+        cbs.EpochClockCallback(clock),
+        cbs.NanGuard(learning_rate),
         checkpoint,
+        cbs.EpochBackup(folder, history),
     ]
     if params.early_stopping_patience:
         callbacks.append(
-            keras.callbacks.EarlyStopping(params.monitor, patience=params.early_stopping_patience, mode=_mode(params.monitor))
+            keras.callbacks.EarlyStopping(
+                params.monitor, patience=params.early_stopping_patience, mode=_mode(params.monitor)
+            )
         )
     if live is not None:
         from dvclive.keras import DVCLiveCallback
 
         callbacks.append(DVCLiveCallback(live=live))
     x, y = train_data if isinstance(train_data, tuple) else (train_data, None)
-    history = model.fit(
-        x, y, epochs=epochs, validation_data=val_data, callbacks=callbacks,
-        batch_size=params.batch_size if y is not None else None,
-        shuffle=y is not None, verbose=2,
-    )  # fmt: skip
-    return history.history, checkpoint
+    try:
+        model.fit(
+            x, y, epochs=epochs, initial_epoch=initial_epoch, validation_data=val_data,
+            callbacks=callbacks, batch_size=params.batch_size if y is not None else None,
+            shuffle=y is not None, verbose=2,
+        )  # fmt: skip
+    except DivergedError:
+        _mark_diverged(paths.backup)
+        raise
+    write_json(done_file, {"history": history})
+    shutil.rmtree(folder, ignore_errors=True)
+    return history, checkpoint
+
+
+def _mark_diverged(backup: Path) -> None:
+    """Mark the backup as coming from a diverged run (see :func:`_check_backup`)."""
+    backup.mkdir(parents=True, exist_ok=True)
+    (backup / DIVERGED_MARK).write_text("this run diverged (NaN/inf loss)\n")
 
 
 def train(
@@ -316,13 +517,19 @@ def train(
         raise StageError("the train split is empty; add images or lower prepare.test_fraction")
     n_classes = len(prepared.classes)
     pretrained = bool(backbone_info["pretrained"])
-    use_cache = pretrained and params.feature_cache and not params.augment and not params.fine_tune.enabled
+    use_cache = (
+        pretrained and params.feature_cache and not params.augment and not params.fine_tune.enabled
+    )
     if params.fine_tune.enabled and not pretrained:
-        raise StageError("train.fine_tune needs a pretrained backbone (backbone.weights is 'none': it already trains fully)")
+        raise StageError(
+            "train.fine_tune needs a pretrained backbone (backbone.weights is 'none': it already trains fully)"
+        )
     _check_backup(paths.backup, fingerprint(params, backbone_file, prepared))
     has_val = prepared.count("val") > 0
     if not has_val and params.monitor.startswith("val_"):
-        raise StageError(f"train.monitor is {params.monitor} but the val split is empty; set prepare.val_fraction > 0")
+        raise StageError(
+            f"train.monitor is {params.monitor} but the val split is empty; set prepare.val_fraction > 0"
+        )
 
     backbone.trainable = not pretrained
     feature_rank = len(backbone.output_shape) - 1
@@ -336,7 +543,8 @@ def train(
     if paths.live is not None:
         from dvclive import Live
 
-        live = Live(str(paths.live), save_dvc_exp=False, dvcyaml=None, resume=(paths.backup / "head").exists())
+        resuming = latest_backup(paths.backup / "head")[0] > 0
+        live = Live(str(paths.live), save_dvc_exp=False, dvcyaml=None, resume=resuming)
     phases = ["head"]
     if use_cache:
         pool_layer = head[0] if feature_rank == 3 else None
@@ -348,7 +556,9 @@ def train(
             params.pooling, max(params.batch_size, 64),
         )  # fmt: skip
         feat_in = keras.Input(features["train"].shape[1:], name="features")
-        head_model = keras.Model(feat_in, _apply(head[1:] if pool_layer else head, feat_in), name="head")
+        head_model = keras.Model(
+            feat_in, _apply(head[1:] if pool_layer else head, feat_in), name="head"
+        )
         _compile(head_model, params.learning_rate)
         history, checkpoint = _fit_phase(
             model=head_model, phase="head", epochs=params.epochs,
@@ -356,16 +566,18 @@ def train(
             val_data=(features["val"], prepared.labels("val")) if has_val else None,
             params=params, paths=paths, clock=clock, live=live, learning_rate=params.learning_rate,
         )  # fmt: skip
-        head_model.load_weights(_weights_of(checkpoint.path, head_model))
+        _load_best(head_model, checkpoint)
     else:
         _compile(model, params.learning_rate)
-        train_ds = prepared.tf_dataset("train", params.batch_size, shuffle=True, seed=params.seed, clock=clock)
+        train_ds = prepared.tf_dataset(
+            "train", params.batch_size, shuffle=True, seed=params.seed, clock=clock
+        )
         val_ds = prepared.tf_dataset("val", params.batch_size) if has_val else None
         history, checkpoint = _fit_phase(
             model=model, phase="head", epochs=params.epochs, train_data=train_ds, val_data=val_ds,
             params=params, paths=paths, clock=clock, live=live, learning_rate=params.learning_rate,
         )  # fmt: skip
-        model.load_weights(_weights_of(checkpoint.path, model))
+        _load_best(model, checkpoint)
         if params.fine_tune.enabled:
             phases.append("fine_tune")
             _unfreeze_top(backbone, backbone_info["base_layer"], params.fine_tune.layers)
@@ -377,21 +589,35 @@ def train(
             )  # fmt: skip
             for key, values in more.items():
                 history.setdefault(key, []).extend(values)
-            if checkpoint2.best_epoch >= 0 and _better(checkpoint2.best, checkpoint.best, _mode(params.monitor)):
-                model.load_weights(_weights_of(checkpoint2.path, model))
+            if checkpoint2.path is not None and _better(
+                checkpoint2.best, checkpoint.best, _mode(params.monitor)
+            ):
+                _load_best(model, checkpoint2)
                 checkpoint = checkpoint2
     if live is not None:
         live.end()
     for key, values in history.items():
         if any(not math.isfinite(v) for v in values):
-            raise StageError(f"training diverged: {key} became NaN/inf; lower train.learning_rate (now {params.learning_rate})")
-    if checkpoint.best is None:
-        raise StageError("no epoch produced a finite monitored value; nothing to save")
+            _mark_diverged(paths.backup)
+            raise DivergedError(
+                f"training diverged: {key} became NaN/inf; lower train.learning_rate (now "
+                f"{params.learning_rate}). No model was written"
+            )
     return TrainResult(
         model=model, history=history, best_epoch=checkpoint.best_epoch + 1,
         best_value=float(checkpoint.best), used_feature_cache=use_cache, phases=phases,
         seconds=time.perf_counter() - started,
     )  # fmt: skip
+
+
+def _load_best(model, checkpoint) -> None:
+    """Load the weights of a phase's best checkpoint into ``model``."""
+    if checkpoint.path is None:
+        raise DivergedError(
+            f"no epoch produced a finite {checkpoint.monitor}; nothing to save. Lower "
+            "train.learning_rate or check the data"
+        )
+    model.load_weights(_weights_of(checkpoint.path, model))
 
 
 def _weights_of(checkpoint_path: Path, model) -> Path:
@@ -416,7 +642,11 @@ def _unfreeze_top(backbone, base_name: str, n_layers: int) -> None:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False  # keep BatchNorm statistics frozen (keras-io guide)
     trainable = sum(1 for layer in base.layers if layer.trainable and layer.weights)
-    log.info("fine-tune: %d of %d backbone layers trainable (BatchNorm kept frozen)", trainable, len(base.layers))
+    log.info(
+        "fine-tune: %d of %d backbone layers trainable (BatchNorm kept frozen)",
+        trainable,
+        len(base.layers),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,14 +670,19 @@ def main(argv: list[str] | None = None) -> int:
         prepared = Prepared.open(args.data)
         backbone_info = read_json(args.backbone_info)
         backbone = load_model_safely(args.backbone, compile=False)
-        paths = TrainPaths(model=args.model, backup=args.backup, features=args.features, live=args.live)
+        paths = TrainPaths(
+            model=args.model, backup=args.backup, features=args.features, live=args.live
+        )
         if args.features is not None:
             args.features.mkdir(parents=True, exist_ok=True)
         result = train(params.train, backbone, backbone_info, prepared, paths, args.backbone)
         with atomic_path(args.model) as tmp:
-            keras_tmp = tmp.with_suffix(".keras")
-            result.model.save(keras_tmp)
-            keras_tmp.replace(tmp)
+            keras_tmp = tmp.with_suffix(".keras")  # Keras insists on the extension
+            try:
+                result.model.save(keras_tmp)
+                keras_tmp.replace(tmp)
+            finally:
+                keras_tmp.unlink(missing_ok=True)
         write_json(
             args.info,
             {
@@ -466,7 +701,13 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         shutil.rmtree(args.backup, ignore_errors=True)  # finished: nothing to resume
-        log.info("train: best %s=%.4f at epoch %d (%.1fs)", params.train.monitor, result.best_value, result.best_epoch, result.seconds)
+        log.info(
+            "train: best %s=%.4f at epoch %d (%.1fs)",
+            params.train.monitor,
+            result.best_value,
+            result.best_epoch,
+            result.seconds,
+        )
 
     return run_stage("train", body)
 

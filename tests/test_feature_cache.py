@@ -119,7 +119,7 @@ def test_cached_features_train_as_well_as_the_naive_path(tmp_path, prepared, bac
     naive_accuracy = accuracy_on_test_split(naive.model, prepared)
     assert naive_accuracy > 0.85, naive_accuracy  # the frozen features are good enough to learn
     # Same model, data and optimiser; only the batch order differs between the two paths.
-    assert cached_accuracy == pytest.approx(naive_accuracy, abs=0.04)
+    assert cached_accuracy == pytest.approx(naive_accuracy, abs=0.05)
     # The cached path returns a full model from raw pixels, like the naive one.
     assert cached.model.input_shape == naive.model.input_shape == (None, *IMAGE_SIZE, 3)
     assert len(cached.history["loss"]) == len(naive.history["loss"]) == TRAIN["epochs"]

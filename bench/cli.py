@@ -1,0 +1,150 @@
+"""``python -m bench [--only NAME[,NAME]] [--quick]``: run benchmarks, record their figures.
+
+Each benchmark runs the project's path and a baseline side by side in the same run, and
+returns :class:`bench.common.Result` entries. A full run updates ``bench/results.json``
+(entries of the benchmarks that ran are replaced, others kept) and the table between the
+``results`` markers of ``bench/README.md``. ``--quick`` shrinks every size for a smoke run
+and writes ``bench/work/results-quick.json`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import ROOT, Result, machine_info
+
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results.json"
+README = BENCH / "README.md"
+WORK = BENCH / "work"
+
+# benchmark group → (module, the result names it produces)
+GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "head": ("bench.head", ("head_epoch_speedup", "head_total_speedup")),
+    "prepare": ("bench.prepare", ("prepare_speedup", "prepare_memory_ratio")),
+    "predict": ("bench.predict", ("predict_cold_start_s", "predict_cold_start_speedup")),
+    "peak": ("bench.peak", ("extract_peak_fraction",)),
+    "noop": ("bench.noop", ("noop_rerun_ratio", "noop_rerun_ratio_embedded")),
+    "fashion": ("bench.fashion", ("fashion_mnist_e2e", "fashion_mnist_e2e_peak_memory")),
+}
+ORDER = [name for names in (g[1] for g in GROUPS.values()) for name in names]
+
+
+def select(only: str | None) -> list[str]:
+    """Benchmark groups named by ``--only`` (group or result names), in the standard order.
+
+    Raises:
+        SystemExit: for an unknown name, listing the known ones.
+    """
+    if not only:
+        return list(GROUPS)
+    wanted = set()
+    for name in (part.strip() for part in only.split(",") if part.strip()):
+        group = name if name in GROUPS else next((g for g, (_, r) in GROUPS.items() if name in r), None)
+        if group is None:
+            known = ", ".join([*GROUPS, *ORDER])
+            raise SystemExit(f"bench: unknown benchmark {name!r}; known: {known}")
+        wanted.add(group)
+    return [g for g in GROUPS if g in wanted]
+
+
+def run_group(group: str, work: Path, quick: bool) -> list[Result]:
+    """Run one group; a crash becomes a ``skipped`` entry with the error, not a lost run."""
+    module_name, names = GROUPS[group]
+    started = time.perf_counter()
+    print(f"bench: {group} ...", file=sys.stderr, flush=True)
+    try:
+        results = importlib.import_module(module_name).run(work / group, quick)
+    except Exception as exc:  # noqa: BLE001  (recorded with its traceback, never swallowed)
+        traceback.print_exc()
+        reason = f"failed: {type(exc).__name__}: {str(exc)[:400]}"
+        return [Result(name, None, None, "", skipped=reason) for name in names]
+    for result in results:
+        result.details.setdefault("bench_seconds", round(time.perf_counter() - started, 1))
+        state = "skipped" if result.skipped else ("met" if result.met else "MISSED")
+        print(f"bench: {result.name} = {result.value} {result.unit} (goal {result.goal}): {state}", file=sys.stderr)
+    return results
+
+
+def merge(previous: dict, machine: dict, results: list[Result], quick: bool) -> dict:
+    """The new results document: fresh entries replace those of the same name."""
+    fresh = {r.name: {**r.to_json(), "measured": machine["date"]} for r in results}
+    kept = {e["name"]: e for e in previous.get("results", []) if e["name"] not in fresh}
+    entries = {**kept, **fresh}
+    ordered = sorted(entries.values(), key=lambda e: ORDER.index(e["name"]) if e["name"] in ORDER else 99)
+    return {"machine": machine, "quick": quick, "results": ordered}
+
+
+def _fmt(value, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "x":
+        return f"{value:g}×"
+    if unit == "s":
+        return f"{value:.2f} s"
+    if unit == "GiB":
+        return f"{value:.2f} GiB"
+    return f"{value:g} {unit}".strip()
+
+
+def table(document: dict) -> str:
+    """The Markdown results table and machine line for ``bench/README.md``."""
+    machine = document["machine"]
+    lines = [
+        f"Measured {machine['date']} on {machine['cpu']} ({machine['simd']}), "
+        f"{machine['cores']} cores, {machine['ram_gib']} GiB RAM; load average at start "
+        f"{', '.join(map(str, machine['load_average']))} (other work was running: see the "
+        "per-benchmark load in results.json).",
+        "",
+        "| benchmark | value | goal | met | notes |",
+        "|---|---|---|---|---|",
+    ]
+    for entry in document["results"]:
+        met = "—" if entry.get("met") is None else ("yes" if entry["met"] else "**no**")
+        note = entry.get("skipped") or entry.get("details", {}).get("summary", "")
+        goal = entry["goal"] or "—"
+        lines.append(f"| `{entry['name']}` | {_fmt(entry['value'], entry['unit'])} | {goal} | {met} | {note} |")
+    return "\n".join(lines)
+
+
+def write_readme_table(document: dict, readme: Path = README) -> None:
+    """Replace the text between the results markers of ``bench/README.md``."""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    text = readme.read_text(encoding="utf-8") if readme.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start not in text or end not in text:
+        text += f"\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table(document)}\n{end}{tail}", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected benchmarks and record their results."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help=f"comma-separated groups or result names: {', '.join(GROUPS)}")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
+    parser.add_argument("--out", type=Path, help="results file (default: bench/results.json, or "
+                        "bench/work/results-quick.json with --quick)")  # fmt: skip
+    parser.add_argument("--work", type=Path, default=WORK, help="scratch folder (default: bench/work)")
+    args = parser.parse_args(argv)
+    groups = select(args.only)
+    out = args.out or (args.work / "results-quick.json" if args.quick else RESULTS)
+    machine = machine_info()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results: list[Result] = []
+    for group in groups:
+        results += run_group(group, args.work, args.quick)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    document = merge(previous, machine, results, args.quick)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    if not args.quick and out == RESULTS:
+        write_readme_table(document)
+    print(table(document))
+    return 1 if any(r.skipped and r.skipped.startswith("failed") for r in results) else 0

@@ -1,0 +1,323 @@
+"""Shared by the benchmarks: results, machine facts, timed subprocesses, synthetic data."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ("tasks", "flows", "presets", "dvc.yaml", "params.yaml", "pyproject.toml", "prefect.yaml")
+
+
+@dataclass
+class Result:
+    """One figure in ``bench/results.json``.
+
+    ``value`` compares against ``goal`` (a string such as ``">= 50"``); ``None`` with a
+    ``skipped`` reason when the benchmark could not run here.
+    """
+
+    name: str
+    value: float | None
+    goal: str | None
+    unit: str
+    met: bool | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.met is None and self.value is not None and self.goal:
+            self.met = goal_met(self.value, self.goal)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON entry (``skipped`` only when set)."""
+        data = asdict(self)
+        if data["skipped"] is None:
+            del data["skipped"]
+        return data
+
+
+def goal_met(value: float, goal: str) -> bool:
+    """Whether ``value`` satisfies a goal written as ``">= 8"`` or ``"<= 1.0"``."""
+    operator, number = goal.split()
+    return value >= float(number) if operator == ">=" else value <= float(number)
+
+
+def skipped(name: str, goal: str | None, unit: str, reason: str) -> Result:
+    """A result that records why the benchmark did not run."""
+    return Result(name, None, goal, unit, skipped=f"skipped: {reason}")
+
+
+# ---------------------------------------------------------------- the machine
+
+
+def machine_info() -> dict[str, Any]:
+    """Date, CPU model, cores, memory and load: what the figures were measured on."""
+    cpu = "unknown"
+    flags: set[str] = set()
+    with open("/proc/cpuinfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    memory_kib = 0
+    with open("/proc/meminfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("MemTotal:"):
+                memory_kib = int(line.split()[1])
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "simd": " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni") if f in flags),
+        "cores": len(os.sched_getaffinity(0)),
+        "ram_gib": round(memory_kib / 1024**2, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    names = ("tensorflow-cpu", "keras", "onnxruntime", "onnx", "numpy", "pillow", "dvc", "prefect")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def load_average() -> float:
+    """The 1-minute load average (to judge how noisy a figure is)."""
+    return round(os.getloadavg()[0], 2)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def median(values: Sequence[float]) -> float:
+    """The median, rounded for the report."""
+    return float(statistics.median(values))
+
+
+@dataclass
+class ProcessRun:
+    """A finished subprocess: wall time, peak memory and output."""
+
+    seconds: float
+    peak_rss_bytes: int
+    peak_tree_rss_bytes: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def check(self, what: str) -> ProcessRun:
+        """Raise with the output tail when the process failed."""
+        if self.returncode != 0:
+            raise RuntimeError(
+                f"{what} exited {self.returncode}\nstdout:\n{self.stdout[-3000:]}\n"
+                f"stderr:\n{self.stderr[-5000:]}"
+            )
+        return self
+
+
+def env_with_venv(extra: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, str]:
+    """The environment for a child: venv tools first on PATH, the project importable."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env["PYTHONPATH"] = str(cwd or ROOT)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("TLP_NO_PROGRESS", "1")
+    env.update(extra or {})
+    return env
+
+
+def run_process(
+    cmd: Sequence[str | Path],
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    *,
+    sample_tree: bool = False,
+    timeout: float = 3600,
+) -> ProcessRun:
+    """Run a command to completion; measure its wall time and peak resident memory.
+
+    ``peak_rss_bytes`` is the kernel's high-water mark (``wait4``'s ``ru_maxrss``) for the
+    process and the children it waited for: the largest single process. With
+    ``sample_tree`` the summed RSS of the whole process tree is also sampled every 0.1 s
+    (``psutil``), which is what a pipeline of several processes really holds at once.
+    """
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [str(c) for c in cmd], cwd=cwd, env=env or env_with_venv(cwd=cwd), stdout=out, stderr=err
+        )
+        tree_peak = [0]
+        stop = threading.Event()
+        sampler = None
+        if sample_tree:
+            sampler = threading.Thread(target=_sample_tree, args=(process.pid, tree_peak, stop), daemon=True)
+            sampler.start()
+        deadline = started + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                process.kill()
+                pid, status, usage = os.wait4(process.pid, 0)
+                break
+            time.sleep(0.02)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        stop.set()
+        if sampler is not None:
+            sampler.join()
+        out.seek(0)
+        err.seek(0)
+        return ProcessRun(
+            seconds, usage.ru_maxrss * 1024, tree_peak[0], process.returncode, out.read(), err.read()
+        )
+
+
+def _sample_tree(pid: int, peak: list[int], stop: threading.Event) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    while not stop.is_set():
+        total = 0
+        try:
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for process in processes:
+            try:
+                total += process.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        peak[0] = max(peak[0], total)
+        stop.wait(0.1)
+
+
+def timed(function: Callable[[], Any]) -> tuple[float, Any]:
+    """``(seconds, result)`` of one call."""
+    started = time.perf_counter()
+    result = function()
+    return time.perf_counter() - started, result
+
+
+# ---------------------------------------------------------------- synthetic data
+
+
+def synthetic_images(
+    folder: Path, count: int, size: tuple[int, int], classes: int = 4, seed: int = 0, quality: int = 90
+) -> Path:
+    """Write ``count`` JPEGs of ``size`` (width, height) in ``classes`` class folders.
+
+    Each class has its own colour and stripe direction, with noise, so the images are
+    learnable and compress like photos rather than flat colour. Reuses a complete folder.
+    """
+    from PIL import Image
+
+    stamp = folder / ".complete"
+    wanted = f"{count} {size} {classes} {seed} {quality}"
+    if stamp.exists() and stamp.read_text() == wanted:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width]
+    for index in range(count):
+        label = index % classes
+        base = np.array([60 + 50 * label, 200 - 40 * label, 90 + 30 * (label % 2)], np.float32)
+        stripes = np.sin((xx if label % 2 else yy) / (4 + label) + rng.uniform(0, 6.28))[..., None]
+        pixels = base + 40 * stripes + rng.normal(0, 25, (height, width, 3))
+        target = folder / f"class_{label}" / f"{index:05d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(target, quality=quality)
+    stamp.write_text(wanted)
+    return folder
+
+
+def prepared_dataset(work: Path, count: int, image_size: tuple[int, int], **prepare_params: Any):
+    """A prepared dataset of synthetic photos, made with the real prepare stage (reused)."""
+    from tasks.dataset import Prepared
+    from tasks.params import PrepareParams
+    from tasks.prepare import prepare
+
+    height, width = image_size
+    params = PrepareParams(image_size=image_size, **prepare_params)
+    name = f"prepared-{count}-{height}x{width}-" + "-".join(f"{k}{v}" for k, v in sorted(prepare_params.items()))
+    out = work / name
+    if not (out / "report.json").exists():
+        raw = synthetic_images(work / f"photos-{count}-{width}x{height}", count, (width, height))
+        shutil.rmtree(out, ignore_errors=True)
+        prepare(params, raw, out)
+    return Prepared.open(out)
+
+
+def copy_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
+    """Copy the pipeline into ``dest`` as a fresh git + DVC repo (as tests/conftest.py does)."""
+    import yaml
+
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy2(source, dest / name)
+    with (ROOT / "params.yaml").open(encoding="utf-8") as handle:
+        merged = deep_update(yaml.safe_load(handle), params or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False), encoding="utf-8")
+    env = env_with_venv(cwd=dest)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "bench@example.com"],
+        ["git", "config", "user.name", "bench"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
+        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
+    return dest
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    """Recursively merge ``extra`` into ``base`` (in place) and return it."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(path.read_text(encoding="utf-8"))

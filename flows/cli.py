@@ -1,0 +1,296 @@
+"""The ``tlp`` command line: run, schedule and watch the pipeline; predict with the model.
+
+``tlp run [-S key=value ...]``   run the Prefect flow once (embedded Prefect, or the
+                                 project's running ``tlp server`` if there is one)
+``tlp status``                   the stages, in graph order, and what would re-run and why
+``tlp server``                   the Prefect dashboard on http://127.0.0.1:4200
+``tlp serve [--cron|--interval]`` serve the flow as a (scheduled) deployment
+``tlp predict ...``              ``tasks.predict`` (argv forwarded as is)
+
+Prefect, DVC and TensorFlow are imported inside the subcommands, never here, so that
+``tlp predict`` and ``tlp --help`` start fast. Prefect's state lives in ``.tlp/prefect``
+(``PREFECT_HOME``) unless you set ``PREFECT_HOME`` or ``PREFECT_API_URL`` yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+SERVER_FILE = "server.json"
+DEFAULT_DEPLOYMENT = "tlp-pipeline"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tlp`` console script.
+
+    Args:
+        argv: the arguments after ``tlp`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["predict"]:  # its own parser handles everything after "predict"
+        return _predict(argv[1:])
+    args = build_parser().parse_args(argv)
+    from tasks.params import ParamsError
+
+    from flows.locking import WorkspaceBusyError
+    from flows.stages import DvcBusyError
+    from flows.workspace import NotAProjectError
+
+    try:
+        return args.handler(args)
+    except (NotAProjectError, ParamsError, WorkspaceBusyError, DvcBusyError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tlp`` argument parser (``predict`` is routed before it, see :func:`main`)."""
+    parser = argparse.ArgumentParser(
+        prog="tlp", description="Run, schedule and watch the transfer-learning pipeline."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the pipeline once as a Prefect flow")
+    _add_set_option(run)
+    run.add_argument(
+        "--no-save-experiment",
+        dest="save_experiment",
+        action="store_false",
+        help="do not record the run as a DVC experiment (dvc exp save)",
+    )
+    run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="show the stages and what would re-run")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_status)
+
+    server = commands.add_parser("server", help="start the Prefect dashboard")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    server.add_argument("--port", type=int, default=4200, help="port (default: %(default)s)")
+    server.set_defaults(handler=_server)
+
+    serve = commands.add_parser(
+        "serve", help="serve the flow as a deployment: on a schedule and from the dashboard"
+    )
+    when = serve.add_mutually_exclusive_group()
+    when.add_argument("--cron", help='a cron schedule, e.g. "0 3 * * *" (03:00 every day)')
+    when.add_argument("--interval", type=float, help="run every this many seconds")
+    serve.add_argument("--name", default=DEFAULT_DEPLOYMENT, help="deployment name (default: %(default)s)")
+    _add_set_option(serve, "params overrides for every scheduled run")
+    serve.set_defaults(handler=_serve)
+
+    commands.add_parser(
+        "predict", help="classify images with the exported model (see: tlp predict --help)"
+    )
+    return parser
+
+
+def _add_set_option(parser: argparse.ArgumentParser, text: str = "") -> None:
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help=text or "override a param for this run, e.g. -S train.epochs=5 (repeatable)",
+    )
+
+
+# -- subcommands ----------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from flows.workspace import parse_set_options, project_root
+
+    root = project_root()
+    overrides = parse_set_options(args.overrides)
+    api = prefect_environment(root)
+    print(f"tlp: Prefect API {api or 'embedded (temporary server; start `tlp server` to keep one)'}")
+    from flows.pipeline import pipeline
+
+    state = pipeline(overrides=overrides or None, save_experiment=args.save_experiment, return_state=True)
+    run_id = state.state_details.flow_run_id
+    if state.is_completed():
+        outcomes: dict[str, str] = state.result()
+        grouped: dict[str, list[str]] = {}
+        for stage, outcome in outcomes.items():
+            grouped.setdefault(outcome, []).append(stage)
+        summary = "; ".join(f"{k}: {', '.join(v)}" for k, v in grouped.items())
+        print(f"tlp: flow run {run_id} {state.name}: {summary}")
+    else:
+        error = state.result(raise_on_failure=False)
+        print(f"tlp: flow run {run_id} {state.name}", file=sys.stderr)
+        print(f"ERROR: {error}", file=sys.stderr)
+    if api:
+        print(f"tlp: {api.removesuffix('/api')}/runs/flow-run/{run_id}")
+    return 0 if state.is_completed() else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from flows import stages
+    from flows.locking import current_holder
+    from flows.workspace import project_root
+
+    root = project_root()
+    plan = stages.inspect(root)
+    will_run: set[str] = set()
+    rows = []
+    for stage in plan.stages:
+        after = [name for name in stage.upstream if name in will_run]
+        if stage.stale:
+            rows.append({"stage": stage.name, "status": "will run", "why": stage.reason})
+        elif after:
+            rows.append({"stage": stage.name, "status": "will run", "why": f"after {', '.join(after)}"})
+        else:
+            rows.append({"stage": stage.name, "status": "up to date", "why": ""})
+        if rows[-1]["status"] == "will run":
+            will_run.add(stage.name)
+    holder = current_holder(root)
+    if args.json:
+        print(json.dumps({"stages": rows, "running": holder}, indent=2))
+        return 0
+    width = max(len(row["stage"]) for row in rows) if rows else 5
+    print(f"{'stage':<{width}}  {'status':<10}  why")
+    for row in rows:
+        print(f"{row['stage']:<{width}}  {row['status']:<10}  {row['why']}".rstrip())
+    if holder is not None:
+        print(f"\nrunning now: {holder.get('what', 'a run')} (PID {holder.get('pid', '?')})")
+    elif not will_run:
+        print("\neverything is up to date: `tlp run` will report all stages cached")
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from flows.locking import tlp_dir
+    from flows.workspace import project_root
+
+    root = project_root()
+    url = f"http://{args.host}:{args.port}"
+    if _healthy(f"{url}/api"):
+        print(f"tlp: a Prefect server already answers at {url}; open it in your browser")
+        return 0
+    prefect_environment(root, detect_server=False)
+    env = {
+        **os.environ,
+        "PREFECT_SERVER_API_HOST": args.host,
+        "PREFECT_SERVER_API_PORT": str(args.port),
+        "PREFECT_UI_API_URL": f"{url}/api",  # the dashboard's own calls; --port alone misses it
+    }
+    record = tlp_dir(root) / SERVER_FILE
+    record.write_text(json.dumps({"url": url, "api": f"{url}/api", "pid": os.getpid()}))
+    print(f"tlp: dashboard at {url} (Prefect home {os.environ['PREFECT_HOME']}); Ctrl-C stops it")
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
+    try:
+        with subprocess.Popen(command, env=env) as process:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                process.terminate()
+                process.wait(timeout=30)
+                return 0
+    finally:
+        record.unlink(missing_ok=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows.workspace import parse_set_options, project_root, validate_overrides
+
+    root = project_root()
+    overrides = validate_overrides(root, parse_set_options(args.overrides))
+    api = prefect_environment(root)
+    if not api:
+        print(
+            "ERROR: tlp serve registers a deployment with a Prefect server and waits for its "
+            "runs, so it needs one: start `tlp server` in another terminal (or set "
+            "PREFECT_API_URL), then run tlp serve again.",
+            file=sys.stderr,
+        )
+        return 1
+    os.chdir(root)  # the deployment's entrypoint (flows/pipeline.py) is relative to here
+    from flows.pipeline import pipeline
+
+    schedule = f"cron {args.cron!r}" if args.cron else (f"every {args.interval:g}s" if args.interval else "no schedule")
+    print(f"tlp: serving deployment {args.name!r} ({schedule}) on {api}; Ctrl-C stops it")
+    pipeline.serve(
+        name=args.name,
+        cron=args.cron,
+        interval=args.interval,
+        parameters={"overrides": overrides} if overrides else None,
+        limit=1,  # one run at a time from this process; the workspace lock covers the rest
+    )
+    return 0
+
+
+def _predict(argv: list[str]) -> int:
+    try:
+        from tasks.predict import main as predict_main
+    except ModuleNotFoundError as exc:
+        if exc.name != "tasks.predict":
+            raise
+        print("ERROR: tlp predict needs tasks/predict.py, which this checkout lacks", file=sys.stderr)
+        return 1
+    return predict_main(argv)
+
+
+# -- Prefect settings -----------------------------------------------------------------------
+
+
+def prefect_environment(root: Path, detect_server: bool = True) -> str | None:
+    """Set Prefect's defaults for this project in ``os.environ``; return the API URL in use.
+
+    Must run before Prefect is imported. Settings the user made win: ``PREFECT_HOME``
+    defaults to ``.tlp/prefect`` in the project, and without ``PREFECT_API_URL`` runs go
+    to the project's running ``tlp server`` if there is one, else to Prefect's temporary
+    embedded server (``None`` is returned then).
+    """
+    from flows.locking import tlp_dir
+
+    os.environ.setdefault("PREFECT_HOME", str(tlp_dir(root) / "prefect"))
+    # Telemetry can log "database is locked" on SQLite and needs the network anyway.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The embedded server's first start creates its database: 20 s (the default) is too
+    # little on a small, busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    os.environ.pop("PREFECT_API_URL", None)  # an empty value means "not set"
+    if detect_server:
+        api = running_server(root)
+        if api:
+            os.environ["PREFECT_API_URL"] = api
+            return api
+    return None
+
+
+def running_server(root: Path) -> str | None:
+    """The API URL of the project's running ``tlp server``, if one answers."""
+    try:
+        record: dict[str, Any] = json.loads((root / ".tlp" / SERVER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    api = record.get("api")
+    return api if api and _healthy(api) else None
+
+
+def _healthy(api: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""The pipeline as one Prefect flow, with one Prefect task per DVC stage.
+
+The stages and their order come from ``dvc.yaml`` (DVC's graph), never from a list here.
+DVC decides what is cached: ``dvc status`` is asked once, up-to-date stages finish at once
+as *Cached*, and the others run through ``dvc repro --single-item <stage>``, their output
+streamed line by line into the task's log. Prefect adds the rest: schedules, retries (only
+for a transient network failure in ``fetch``), the dashboard, per-stage states, logs and
+artifacts.
+
+Run it with ``tlp run`` (flows/cli.py), serve it with ``tlp serve``, or deploy it to a work
+pool with ``prefect deploy`` (prefect.yaml; entrypoint ``flows/pipeline.py:pipeline``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.states import Completed, State
+
+from flows import reports, stages
+from flows.locking import workspace_lock
+from flows.reports import StageOutcome
+from flows.stages import Pipeline, StageFailedError, TransientStageError
+from flows.workspace import overrides_applied, project_root, validate_overrides
+from tasks.params import load_params
+
+FLOW_NAME = "tlp-pipeline"
+
+
+def _network_error(task: Any, task_run: Any, state: State) -> bool:
+    """Retry condition: only a download that kept failing is worth another attempt."""
+    return isinstance(state.result(raise_on_failure=False), TransientStageError)
+
+
+# Task options beyond the defaults, by stage name. fetch already retries each download
+# itself (fetch.retries); a task retry waits longer, for an outage rather than a blip.
+STAGE_TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "fetch": {
+        "retries": 2,
+        "retry_delay_seconds": [30, 120],
+        "retry_condition_fn": _network_error,
+    },
+}
+
+
+def run_stage(
+    root: str, stage: str, step: str, stale: bool, why: str, changed_upstream: list[str]
+) -> State:
+    """Bring one stage up to date through DVC.
+
+    Args:
+        root: the project root.
+        stage: the stage name.
+        step: its place in the run, e.g. ``"4/6"``, for progress lines.
+        stale: whether ``dvc status`` reported it changed before the run.
+        why: the reason it is stale, from ``dvc status``.
+        changed_upstream: stages it depends on that ran in this flow run.
+
+    Returns:
+        A *Completed* state if the stage ran, or a *Cached* one (also Completed) if it was
+        up to date; its data is the :class:`~flows.reports.StageOutcome`.
+
+    Raises:
+        StageFailedError: the stage failed; the message is the stage's own error.
+    """
+    logger = get_run_logger()
+    if not stale and not changed_upstream:
+        logger.info("[%s] %s: up to date (dvc status), cached", step, stage)
+        outcome = StageOutcome(stage, "cached", 0.0, "up to date")
+        return Completed(name="Cached", message="up to date, not run", data=outcome)
+    reason = why or f"{', '.join(changed_upstream)} re-ran upstream"
+    logger.info("[%s] %s: running, because %s", step, stage, reason)
+    result = stages.repro(Path(root), stage, emit=logger.log)
+    if result.ran:
+        logger.info("[%s] %s: done in %.1fs", step, stage, result.seconds)
+        outcome = StageOutcome(stage, "ran", result.seconds, reason)
+        return Completed(message=f"ran: {reason}", data=outcome)
+    if result.restored:
+        outcome = StageOutcome(stage, "restored", result.seconds, f"{reason}; DVC run cache hit")
+        return Completed(name="Cached", message="restored from DVC's run cache", data=outcome)
+    outcome = StageOutcome(stage, "cached", result.seconds, "DVC found it up to date")
+    return Completed(name="Cached", message="DVC found it up to date", data=outcome)
+
+
+def stage_task(stage: str):
+    """The Prefect task for one stage: named after it, never cached by Prefect (DVC does)."""
+    return task(
+        run_stage,
+        name=stage,
+        task_run_name=stage,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        **STAGE_TASK_OPTIONS.get(stage, {}),
+    )
+
+
+@flow(name=FLOW_NAME, description="Fetch, prepare, train, evaluate and export, through DVC.")
+def pipeline(overrides: dict[str, Any] | None = None, save_experiment: bool = True) -> dict[str, str]:
+    """Bring the whole pipeline up to date through DVC, one task per stage.
+
+    Args:
+        overrides: params to change for this run, as dotted keys, e.g.
+            ``{"train.epochs": 5, "backbone.arch": "mobilenet_v2"}``. They are validated
+            before any stage runs and written to ``params.yaml``, so ``dvc repro``
+            reproduces the run later; a failed run puts ``params.yaml`` back.
+        save_experiment: record the run as a DVC experiment (``dvc exp save``) when a
+            stage ran, so ``dvc exp show`` compares runs side by side.
+
+    Returns:
+        Each stage's outcome (``ran``, ``cached``, ``restored``), in pipeline order.
+    """
+    logger = get_run_logger()
+    root = project_root(os.environ.get("TLP_PROJECT_DIR"))
+    run_name = flow_run.get_name()
+    outcomes: list[StageOutcome] = []
+    experiment = ""
+    with workspace_lock(root, f"flow run {run_name!r}"):
+        changes = validate_overrides(root, overrides)
+        if changes:
+            logger.info("params overrides for this run: %s", changes)
+        try:
+            with overrides_applied(root, changes):
+                plan = stages.inspect(root)
+                logger.info("pipeline from dvc.yaml: %s", " -> ".join(plan.names))
+                bring_up_to_date(plan, outcomes)
+                experiment = record_run(plan, outcomes, run_name, save_experiment)
+        except StageFailedError as exc:
+            stages.restore_outputs(root, exc.stage, emit=logger.log)
+            raise
+        finally:
+            publish_stage_table(outcomes, experiment)
+        publish_results(plan)
+    return {outcome.stage: outcome.outcome for outcome in outcomes}
+
+
+def bring_up_to_date(plan: Pipeline, outcomes: list[StageOutcome]) -> None:
+    """Run one task per stage, dependencies first; append each outcome as it is known.
+
+    Raises:
+        StageFailedError: a stage failed (the flow fails with it; later stages do not run).
+    """
+    progress = create_progress_artifact(
+        0.0, key="pipeline-progress", description="Stages brought up to date, in percent"
+    )
+    changed: set[str] = set()
+    total = len(plan.stages)
+    for index, stage in enumerate(plan.stages, start=1):
+        changed_upstream = [name for name in stage.upstream if name in changed]
+        started = time.perf_counter()
+        state = stage_task(stage.name)(
+            str(plan.root),
+            stage.name,
+            f"{index}/{total}",
+            stage.stale,
+            stage.reason,
+            changed_upstream,
+            return_state=True,
+        )
+        if state.is_failed():
+            elapsed = time.perf_counter() - started
+            outcomes.append(StageOutcome(stage.name, "failed", elapsed, state.message or ""))
+            outcomes += [
+                StageOutcome(later.name, "not run", 0.0, f"{stage.name} failed")
+                for later in plan.stages[index:]
+            ]
+            state.result()  # raises the stage's own error
+        outcome: StageOutcome = state.result()
+        outcomes.append(outcome)
+        if outcome.outcome in ("ran", "restored"):
+            changed.add(stage.name)
+        _update_progress(progress, 100.0 * index / total)
+
+
+def record_run(
+    plan: Pipeline, outcomes: list[StageOutcome], run_name: str, save: bool
+) -> str:
+    """Save the run as a DVC experiment if a stage ran; return its name or why not."""
+    logger = get_run_logger()
+    if not save:
+        return "not saved (save_experiment=False)"
+    if not any(o.outcome in ("ran", "restored") for o in outcomes):
+        return "not saved: nothing ran, the results are those of the previous run"
+    if not plan.scm:
+        logger.warning("not saving a DVC experiment: the project is not a git repo with a commit")
+        return "not saved: no git commit to attach it to"
+    try:
+        name = stages.save_experiment(plan.root, run_name, list(plan.uncached_outputs))
+    except RuntimeError as exc:
+        logger.warning("%s; the run itself succeeded. Fix the cause and run `dvc exp save`.", exc)
+        return f"not saved: {exc}"
+    logger.info("saved as DVC experiment %s (compare runs with `dvc exp show`)", name)
+    return name
+
+
+def publish_stage_table(outcomes: list[StageOutcome], experiment: str) -> None:
+    """Publish the per-stage table: ran or cached, how long, and why."""
+    if not outcomes:
+        return
+    ran = sum(o.outcome == "ran" for o in outcomes)
+    create_table_artifact(
+        reports.stages_table(outcomes),
+        key="pipeline-stages",
+        description=f"Per stage: ran or cached, and why (from dvc status before the run). "
+        f"{ran} of {len(outcomes)} ran. DVC experiment: {experiment or 'none'}.",
+    )
+
+
+def publish_results(plan: Pipeline) -> None:
+    """Publish the evaluation metrics, the confusion matrix and the export parity result."""
+    logger = get_run_logger()
+    root = plan.root
+    for path in plan.metrics.get("evaluate", ()):
+        if path.endswith(".json") and (root / path).is_file():
+            metrics = reports.read_json(root / path)
+            create_table_artifact(
+                reports.metrics_table(metrics),
+                key="eval-metrics",
+                description=f"Test-split metrics ({path}, stage evaluate)",
+            )
+            per_class = metrics.get("per_class") or {}
+            break
+    else:
+        logger.warning("stage evaluate lists no JSON metrics file; no metrics artifact")
+        per_class = {}
+    for plot in plan.plots.get("evaluate", ()):
+        if plot.props.get("template") == "confusion" and (root / plot.path).is_file():
+            counts = reports.confusion_counts(
+                root / plot.path, plot.props.get("x", "actual"), plot.props.get("y", "predicted")
+            )
+            create_markdown_artifact(
+                reports.confusion_markdown(counts, list(per_class), per_class),
+                key="confusion-matrix",
+                description=f"Confusion matrix of the test split ({plot.path})",
+            )
+    for path in plan.metrics.get("export", ()):
+        if path.endswith(".json") and (root / path).is_file():
+            export = load_params(root / "params.yaml").export
+            create_table_artifact(
+                reports.parity_table(
+                    reports.read_json(root / path), export.atol, export.min_top1_agreement
+                ),
+                key="export-parity",
+                description=f"ONNX export parity with the Keras model ({path}, stage export)",
+            )
+
+
+def _update_progress(artifact_id: UUID, percent: float) -> None:
+    update_progress_artifact(artifact_id, percent)

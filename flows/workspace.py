@@ -1,0 +1,134 @@
+"""The project on disk: where its root is, and params overrides written into ``params.yaml``.
+
+Overrides are validated with the stages' own parser (:mod:`tasks.params`) before anything
+is written, then written into ``params.yaml`` (like ``dvc exp run --set-param``), so that
+``dvc repro`` reproduces the run later and ``dvc exp save`` records the values. This module
+imports neither Prefect nor DVC at import time, so the command line stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.common import atomic_path
+from tasks.params import ParamsError, apply_overrides, parse_params, read_yaml
+
+PARAMS_FILE = "params.yaml"
+
+
+class NotAProjectError(RuntimeError):
+    """The current folder is not inside a DVC project."""
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The DVC project that contains ``start`` (default: the current folder).
+
+    Raises:
+        NotAProjectError: no folder from ``start`` upwards holds ``.dvc/`` and ``dvc.yaml``.
+    """
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir() and (folder / "dvc.yaml").is_file():
+            return folder
+    raise NotAProjectError(
+        f"{here} is not inside a DVC project (no folder from here up holds .dvc/ and "
+        "dvc.yaml); cd into the pipeline's folder, or set TLP_PROJECT_DIR for a worker"
+    )
+
+
+def parse_set_options(options: list[str] | None) -> dict[str, Any]:
+    """Turn ``-S key=value`` options into overrides; values are read as YAML.
+
+    ``-S train.epochs=5`` gives ``{"train.epochs": 5}``, ``-S prepare.image_size=[64,64]``
+    a list and ``-S fetch.sha256=`` ``None``.
+
+    Raises:
+        ParamsError: an option has no ``=`` or an empty key.
+    """
+    overrides: dict[str, Any] = {}
+    for option in options or []:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"-S {option!r}: expected key=value, e.g. -S train.epochs=5")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"-S {option!r}: the value is not valid YAML ({exc})") from None
+    return overrides
+
+
+def validate_overrides(root: Path, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check overrides against ``params.yaml`` and return them with normalised values.
+
+    The values are the parsed ones (``"5"`` becomes ``5`` for an int key), so what is
+    written to ``params.yaml`` is exactly what the stages will read.
+
+    Args:
+        root: the project root.
+        overrides: dotted keys and their new values, e.g. ``{"train.epochs": 5}``.
+
+    Returns:
+        The overrides with normalised values (empty if there are none).
+
+    Raises:
+        ParamsError: a key is unknown or a value is invalid; the message names it.
+    """
+    if not overrides:
+        return {}
+    raw = read_yaml(root / PARAMS_FILE)
+    parsed = parse_params(apply_overrides(raw, dict(overrides))).model_dump(mode="json")
+    return {key: _lookup(parsed, key) for key in overrides}
+
+
+@contextlib.contextmanager
+def overrides_applied(root: Path, overrides: Mapping[str, Any]) -> Iterator[None]:
+    """Write validated overrides into ``params.yaml`` for the block; undo them if it fails.
+
+    On success the new values stay, so ``dvc repro`` reproduces the run. On failure the
+    file is put back as it was, so the next run does not repeat a failing override.
+    Comments and key order in ``params.yaml`` are kept (ruamel round-trip, as DVC does).
+    """
+    if not overrides:
+        yield
+        return
+    path = root / PARAMS_FILE
+    original = path.read_text(encoding="utf-8")
+    _write_params(path, _with_overrides(original, str(path), overrides))
+    try:
+        yield
+    except BaseException:
+        _write_params(path, original)
+        raise
+
+
+def _with_overrides(text: str, name: str, overrides: Mapping[str, Any]) -> str:
+    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+
+    data = parse_yaml_for_update(text, name)
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
+    return dumps_yaml(data)
+
+
+def _write_params(path: Path, text: str) -> None:
+    mode = path.stat().st_mode
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        os.chmod(tmp, mode)  # mkstemp creates 0600; keep the file's own permissions
+
+
+def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node[part]
+    return node
