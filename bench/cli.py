@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -46,12 +47,26 @@ def select(only: str | None) -> list[str]:
         return list(GROUPS)
     wanted = set()
     for name in (part.strip() for part in only.split(",") if part.strip()):
-        group = name if name in GROUPS else next((g for g, (_, r) in GROUPS.items() if name in r), None)
+        group = (
+            name if name in GROUPS else next((g for g, (_, r) in GROUPS.items() if name in r), None)
+        )
         if group is None:
             known = ", ".join([*GROUPS, *ORDER])
             raise SystemExit(f"bench: unknown benchmark {name!r}; known: {known}")
         wanted.add(group)
     return [g for g in GROUPS if g in wanted]
+
+
+def wait_for_quiet(load: float, max_wait: float) -> float:
+    """Wait (at most ``max_wait`` s) until the 1-minute load average is under ``load``.
+
+    The machine is shared: someone else's test run halves every figure. Returns the load
+    average when the wait ended.
+    """
+    deadline = time.monotonic() + max_wait
+    while os.getloadavg()[0] >= load and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
 
 
 def run_group(group: str, work: Path, quick: bool) -> list[Result]:
@@ -68,7 +83,10 @@ def run_group(group: str, work: Path, quick: bool) -> list[Result]:
     for result in results:
         result.details.setdefault("bench_seconds", round(time.perf_counter() - started, 1))
         state = "skipped" if result.skipped else ("met" if result.met else "MISSED")
-        print(f"bench: {result.name} = {result.value} {result.unit} (goal {result.goal}): {state}", file=sys.stderr)
+        print(
+            f"bench: {result.name} = {result.value} {result.unit} (goal {result.goal}): {state}",
+            file=sys.stderr,
+        )
     return results
 
 
@@ -77,7 +95,9 @@ def merge(previous: dict, machine: dict, results: list[Result], quick: bool) -> 
     fresh = {r.name: {**r.to_json(), "measured": machine["date"]} for r in results}
     kept = {e["name"]: e for e in previous.get("results", []) if e["name"] not in fresh}
     entries = {**kept, **fresh}
-    ordered = sorted(entries.values(), key=lambda e: ORDER.index(e["name"]) if e["name"] in ORDER else 99)
+    ordered = sorted(
+        entries.values(), key=lambda e: ORDER.index(e["name"]) if e["name"] in ORDER else 99
+    )
     return {"machine": machine, "quick": quick, "results": ordered}
 
 
@@ -109,14 +129,20 @@ def table(document: dict) -> str:
         met = "—" if entry.get("met") is None else ("yes" if entry["met"] else "**no**")
         note = entry.get("skipped") or entry.get("details", {}).get("summary", "")
         goal = entry["goal"] or "—"
-        lines.append(f"| `{entry['name']}` | {_fmt(entry['value'], entry['unit'])} | {goal} | {met} | {note} |")
+        lines.append(
+            f"| `{entry['name']}` | {_fmt(entry['value'], entry['unit'])} | {goal} | {met} | {note} |"
+        )
     return "\n".join(lines)
 
 
 def write_readme_table(document: dict, readme: Path = README) -> None:
     """Replace the text between the results markers of ``bench/README.md``."""
     start, end = "<!-- results:start -->", "<!-- results:end -->"
-    text = readme.read_text(encoding="utf-8") if readme.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    text = (
+        readme.read_text(encoding="utf-8")
+        if readme.exists()
+        else f"# Benchmarks\n\n{start}\n{end}\n"
+    )
     if start not in text or end not in text:
         text += f"\n{start}\n{end}\n"
     head, rest = text.split(start, 1)
@@ -127,11 +153,25 @@ def write_readme_table(document: dict, readme: Path = README) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks and record their results."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help=f"comma-separated groups or result names: {', '.join(GROUPS)}")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
+    parser.add_argument(
+        "--only", help=f"comma-separated groups or result names: {', '.join(GROUPS)}"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes: a smoke run, not a measurement"
+    )
     parser.add_argument("--out", type=Path, help="results file (default: bench/results.json, or "
                         "bench/work/results-quick.json with --quick)")  # fmt: skip
-    parser.add_argument("--work", type=Path, default=WORK, help="scratch folder (default: bench/work)")
+    parser.add_argument(
+        "--work", type=Path, default=WORK, help="scratch folder (default: bench/work)"
+    )
+    parser.add_argument(
+        "--quiet-load",
+        type=float,
+        default=1.0,
+        help="before each benchmark, wait for a 1-minute load average below this",
+    )
+    parser.add_argument("--max-wait", type=float, default=300,
+                        help="...but at most this many seconds (default: 300; 0 = never wait)")  # fmt: skip
     args = parser.parse_args(argv)
     groups = select(args.only)
     out = args.out or (args.work / "results-quick.json" if args.quick else RESULTS)
@@ -139,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
     for group in groups:
+        if not args.quick and args.max_wait > 0:
+            load = wait_for_quiet(args.quiet_load, args.max_wait)
+            print(f"bench: load average {load:.2f} before {group}", file=sys.stderr)
         results += run_group(group, args.work, args.quick)
     previous = json.loads(out.read_text()) if out.exists() else {}
     document = merge(previous, machine, results, args.quick)

@@ -21,7 +21,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ("tasks", "flows", "presets", "dvc.yaml", "params.yaml", "pyproject.toml", "prefect.yaml")
+PROJECT_FILES = (
+    "tasks",
+    "flows",
+    "presets",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    "prefect.yaml",
+)
 
 
 @dataclass
@@ -170,13 +178,19 @@ def run_process(
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
         process = subprocess.Popen(
-            [str(c) for c in cmd], cwd=cwd, env=env or env_with_venv(cwd=cwd), stdout=out, stderr=err
+            [str(c) for c in cmd],
+            cwd=cwd,
+            env=env or env_with_venv(cwd=cwd),
+            stdout=out,
+            stderr=err,
         )
         tree_peak = [0]
         stop = threading.Event()
         sampler = None
         if sample_tree:
-            sampler = threading.Thread(target=_sample_tree, args=(process.pid, tree_peak, stop), daemon=True)
+            sampler = threading.Thread(
+                target=_sample_tree, args=(process.pid, tree_peak, stop), daemon=True
+            )
             sampler.start()
         deadline = started + timeout
         while True:
@@ -196,7 +210,12 @@ def run_process(
         out.seek(0)
         err.seek(0)
         return ProcessRun(
-            seconds, usage.ru_maxrss * 1024, tree_peak[0], process.returncode, out.read(), err.read()
+            seconds,
+            usage.ru_maxrss * 1024,
+            tree_peak[0],
+            process.returncode,
+            out.read(),
+            err.read(),
         )
 
 
@@ -233,7 +252,12 @@ def timed(function: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def synthetic_images(
-    folder: Path, count: int, size: tuple[int, int], classes: int = 4, seed: int = 0, quality: int = 90
+    folder: Path,
+    count: int,
+    size: tuple[int, int],
+    classes: int = 4,
+    seed: int = 0,
+    quality: int = 90,
 ) -> Path:
     """Write ``count`` JPEGs of ``size`` (width, height) in ``classes`` class folders.
 
@@ -270,7 +294,9 @@ def prepared_dataset(work: Path, count: int, image_size: tuple[int, int], **prep
 
     height, width = image_size
     params = PrepareParams(image_size=image_size, **prepare_params)
-    name = f"prepared-{count}-{height}x{width}-" + "-".join(f"{k}{v}" for k, v in sorted(prepare_params.items()))
+    name = f"prepared-{count}-{height}x{width}-" + "-".join(
+        f"{k}{v}" for k, v in sorted(prepare_params.items())
+    )
     out = work / name
     if not (out / "report.json").exists():
         raw = synthetic_images(work / f"photos-{count}-{width}x{height}", count, (width, height))

@@ -19,7 +19,15 @@ import json
 import sys
 from pathlib import Path
 
-from bench.common import ROOT, Result, env_with_venv, load_average, median, prepared_dataset, run_process
+from bench.common import (
+    ROOT,
+    Result,
+    env_with_venv,
+    load_average,
+    median,
+    prepared_dataset,
+    run_process,
+)
 from bench.models import backbone_file
 
 IMAGE_SIZE = (224, 224)
@@ -29,8 +37,27 @@ VAL_FRACTION, TEST_FRACTION = 0.1, 0.05
 
 def _train(work: Path, prepared: Path, backbone: Path, info: Path, mode: str, epochs: int) -> dict:
     out = work / f"{mode}.json"
-    command = [sys.executable, "-m", "bench.train_worker", "--prepared", prepared, "--backbone", backbone]
-    command += ["--info", info, "--mode", mode, "--epochs", str(epochs), "--work", work / mode, "--out", out]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.train_worker",
+        "--prepared",
+        prepared,
+        "--backbone",
+        backbone,
+    ]
+    command += [
+        "--info",
+        info,
+        "--mode",
+        mode,
+        "--epochs",
+        str(epochs),
+        "--work",
+        work / mode,
+        "--out",
+        out,
+    ]
     (work / mode).mkdir(parents=True, exist_ok=True)
     process = run_process(command, ROOT, env_with_venv()).check(f"{mode} training")
     report = json.loads(out.read_text())
@@ -69,7 +96,13 @@ def run(work: Path, quick: bool) -> list[Result]:
     }
     naive_phases = {
         key: median([e[key] for e in naive["epochs"][1:]])
-        for key in ("iterator_startup_s", "train_steps_s", "validation_s", "callbacks_s", "idle_after_s")
+        for key in (
+            "iterator_startup_s",
+            "train_steps_s",
+            "validation_s",
+            "callbacks_s",
+            "idle_after_s",
+        )
     }
     epoch_result = Result(
         "head_epoch_speedup",

@@ -39,7 +39,15 @@ def classifier_files(
     if not (keras_file.exists() and onnx_file.exists()):
         folder.mkdir(parents=True, exist_ok=True)
         height, width = image_size
-        command = [sys.executable, "-m", "bench.models", "classifier", arch, str(height), str(width)]
+        command = [
+            sys.executable,
+            "-m",
+            "bench.models",
+            "classifier",
+            arch,
+            str(height),
+            str(width),
+        ]
         command += [str(classes), folder, "--prepared", prepared]
         run_process(command, ROOT, env_with_venv()).check(f"building the {arch} classifier")
     return keras_file, onnx_file
@@ -92,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     classifier = keras.Model(inputs, outputs, name="classifier")
     classifier.save(args.out / "model.keras")
     classes = [f"class_{i}" for i in range(args.classes)]
-    model_info = {"classes": classes, "image_size": list(image_size), "preprocessing": info["preprocessing"], "backbone": info}
+    model_info = {
+        "classes": classes,
+        "image_size": list(image_size),
+        "preprocessing": info["preprocessing"],
+        "backbone": info,
+    }
     images, _ = Prepared.open(args.prepared).load("test", limit=32)
     export(classifier, model_info, images, ExportParams(), args.out / "model.onnx")
     return 0

@@ -85,7 +85,9 @@ def epoch_phases(timer, origin: float) -> list[dict[str, float]]:
     """Per-epoch durations (s): total (begin to next begin), and its phases."""
     rows = []
     for index, epoch in enumerate(timer.epochs):
-        following = timer.epochs[index + 1]["begin"] if index + 1 < len(timer.epochs) else timer.fit_end
+        following = (
+            timer.epochs[index + 1]["begin"] if index + 1 < len(timer.epochs) else timer.fit_end
+        )
         first = epoch.get("first_batch", epoch["begin"])
         last = epoch.get("last_batch", first)
         test_begin, test_end = epoch.get("test_begin", last), epoch.get("test_end", last)
@@ -136,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     for folder in ("features", "backup"):
         shutil.rmtree(args.work / folder, ignore_errors=True)  # a cold start every time
     paths = TrainPaths(
-        model=args.work / "model.keras", backup=args.work / "backup", features=args.work / "features"
+        model=args.work / "model.keras",
+        backup=args.work / "backup",
+        features=args.work / "features",
     )
     loaded = time.perf_counter()
     backbone = load_model_safely(args.backbone, compile=False)

@@ -17,7 +17,6 @@ import os
 import time
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -33,7 +32,7 @@ from prefect.states import Completed, State
 from flows import reports, stages
 from flows.locking import workspace_lock
 from flows.reports import StageOutcome
-from flows.stages import Pipeline, StageFailedError, TransientStageError
+from flows.stages import DvcBusyError, Pipeline, StageFailedError, TransientStageError
 from flows.workspace import overrides_applied, project_root, validate_overrides
 from tasks.params import load_params
 
@@ -169,19 +168,29 @@ def bring_up_to_date(plan: Pipeline, outcomes: list[StageOutcome]) -> None:
             changed_upstream,
             return_state=True,
         )
-        if state.is_failed():
+        if not state.is_completed():
+            error = state.result(raise_on_failure=False)
             elapsed = time.perf_counter() - started
-            outcomes.append(StageOutcome(stage.name, "failed", elapsed, state.message or ""))
+            outcomes.append(StageOutcome(stage.name, "failed", elapsed, str(error)))
             outcomes += [
                 StageOutcome(later.name, "not run", 0.0, f"{stage.name} failed")
                 for later in plan.stages[index:]
             ]
-            state.result()  # raises the stage's own error
+            raise _flow_error(stage.name, error)
         outcome: StageOutcome = state.result()
         outcomes.append(outcome)
         if outcome.outcome in ("ran", "restored"):
             changed.add(stage.name)
-        _update_progress(progress, 100.0 * index / total)
+        update_progress_artifact(progress, 100.0 * index / total)
+
+
+def _flow_error(stage: str, error: Any) -> Exception:
+    """The flow's own copy of a task's error (short traceback, same type and message)."""
+    if isinstance(error, DvcBusyError):
+        return DvcBusyError(str(error))
+    if isinstance(error, StageFailedError):
+        return StageFailedError(error.stage, error.error)
+    return StageFailedError(stage, str(error))
 
 
 def record_run(
@@ -255,7 +264,3 @@ def publish_results(plan: Pipeline) -> None:
                 key="export-parity",
                 description=f"ONNX export parity with the Keras model ({path}, stage export)",
             )
-
-
-def _update_progress(artifact_id: UUID, percent: float) -> None:
-    update_progress_artifact(artifact_id, percent)

@@ -17,7 +17,9 @@
 
 Output layout::
 
-    <out>/source.json           {source, kind: "folder" | "idx", sha256, files, bytes, ...}
+    <out>/source.json           {source, kind: "folder" | "idx", sha256, files, bytes,
+                                 origin, details, fingerprint}
+    <out>/source.sha256         local folder sources: ``<sha256>  <path>`` per file
     <out>/images/<class>/...    kind "folder"
     <out>/idx/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz, idx/classes.json   kind "idx"
 
@@ -26,7 +28,29 @@ so a failed run leaves the previous ``<out>`` untouched. Downloads stream into t
 folder (``--cache``) as ``<name>.part``, resume with HTTP ``Range`` requests where the server
 allows, are retried on transient errors, and are renamed to their final name (the URL's
 hash, plus the expected sha256 when known) only once complete and verified; a later run
-reuses a complete file (re-verifying its sha256 when known) and never trusts a ``.part``.
+never trusts a ``.part`` (it resumes only with ``If-Range`` or a pinned sha256 to check).
+
+Fingerprints (stale sources). ``fetch.source`` is a param, so DVC re-runs this stage when
+its text changes, but not when the bytes behind an unchanged path or URL change. So
+``source.json`` records a ``fingerprint`` of what was fetched, which
+:mod:`flows.freshness` compares with the source as it is now:
+
+- local folder: ``{method: "sha256-tree", path, sha256, files, manifest}``, where ``sha256``
+  is the sha256 of ``<out>/source.sha256``, the per-file hashes (in ``sha256sum`` format,
+  sorted by path) taken while copying. It depends on content only, so re-fetching an
+  unchanged folder writes the same ``<out>`` and nothing downstream re-runs.
+- local archive: ``{method: "sha256", path, sha256}``.
+- URL: ``{method: "http", url, etag, last_modified, sha256, pinned}``: the validators the
+  server sent and the archive's sha256. A cached download of an unpinned URL is
+  revalidated with a conditional GET whenever the stage runs (304: reuse; 200: replace),
+  so a forced re-fetch really fetches the new bytes. A pinned URL cannot change silently.
+- builtin datasets: ``null`` (their hashes are pinned in this module).
+
+Checking a big folder must not mean reading it all, so local sources keep a hash index in
+``<cache>/sources/`` (:class:`HashIndex`): each file's sha256 with its size, mtime, ctime
+and inode. A check re-hashes only files whose stat changed; a touched but unchanged file
+is therefore not "stale", and a file rewritten with its old mtime restored still is
+(ctime cannot be set). The index is a cache: deleting it costs one full re-hash.
 
 Environment variables (for mirrors and tests):
 
@@ -52,8 +76,8 @@ import shutil
 import stat
 import struct
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
@@ -83,6 +107,7 @@ NETWORK_CHUNK_BYTES = 64 * 1024
 RETRY_BACKOFF_S = 0.5
 RETRY_BACKOFF_MAX_S = 8.0
 USER_AGENT = "tlp-fetch/0.1 (+https://dvc.org)"
+MANIFEST_NAME = "source.sha256"  # per-file hashes of a local folder source, in <out>
 
 IDX_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -208,6 +233,9 @@ class FetchResult:
             (builtin digits and local folders).
         origin: where the data came from (a URL, a local path, or the library).
         details: extra facts (archive format, IDX counts, skipped entries, ...).
+        fingerprint: what identifies the source's content, so that a later check can tell
+            whether the bytes behind an unchanged ``fetch.source`` changed (see the module
+            docstring); ``None`` for builtin datasets, which are pinned by their hashes.
     """
 
     source: str
@@ -217,6 +245,7 @@ class FetchResult:
     sha256: str | dict[str, str] | None
     origin: str
     details: dict[str, Any] = field(default_factory=dict)
+    fingerprint: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``source.json`` content."""
@@ -225,11 +254,28 @@ class FetchResult:
 
 @dataclass(frozen=True)
 class Download:
-    """A complete, verified file in the download cache."""
+    """A complete, verified file in the download cache, and the validators the server sent."""
 
     path: Path
     sha256: str
     reused: bool
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def fingerprint(self, url: str, *, pinned: bool) -> dict[str, Any]:
+        """The ``fingerprint`` recorded in ``source.json`` for a URL source."""
+        return {
+            "method": "http",
+            "url": url,
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+            "sha256": self.sha256,
+            "pinned": pinned,
+        }
+
+
+class _DownloadFailed(StageError):
+    """Every attempt of a download failed with a transient error."""
 
 
 class _TransientError(Exception):
@@ -273,6 +319,8 @@ def fetch(
     download: Download | None = None
     local: Path | None = None
     local_digest: str | None = None
+    local_stat: list[int] | None = None
+    index: HashIndex | None = None
     if kind == "url":
         download = fetch_url(
             value,
@@ -289,8 +337,10 @@ def fetch(
                 f"fetch.sha256 is set but fetch.source {source!r} is a folder, not an archive. "
                 "Set fetch.sha256: null."
             )
+        index = HashIndex.for_source(cache_dir, local)
         if not local.is_dir():
-            local_digest = file_sha256(local)
+            local_digest = hash_file(local, index, ARCHIVE_KEY)
+            local_stat = stat_key(os.stat(local))
             if expected and local_digest != expected:
                 raise StageError(
                     f"sha256 mismatch for {local}: expected {expected}, got {local_digest}. "
@@ -304,13 +354,24 @@ def fetch(
             result = _write_idx(source, idx_datasets[value], params, tmp / "idx", cache_dir)
         elif download is not None:
             result = _write_archive(source, value, download.path, download.sha256, params, tmp)
+            pinned = expected is not None
+            result = replace(result, fingerprint=download.fingerprint(value, pinned=pinned))
         elif local is not None and local_digest is not None:
             result = _write_archive(source, str(local), local, local_digest, params, tmp)
-        elif local is not None:
-            result = _copy_folder(source, local, tmp / "images")
+            if stat_key(os.stat(local)) != local_stat:
+                raise StageError(
+                    f"{local} changed while it was being extracted; run fetch again once "
+                    "nothing writes to it"
+                )
+            fingerprint = {"method": "sha256", "path": str(local.resolve()), "sha256": local_digest}
+            result = replace(result, fingerprint=fingerprint)
+        elif local is not None and index is not None:
+            result = _copy_folder(source, local, tmp, index)
         else:  # unreachable: _classify returns one of the kinds above
             raise StageError(f"cannot fetch {source!r}")
         write_json(tmp / "source.json", result.to_json())
+    if index is not None:
+        index.save()
     log.info(
         "fetch: %d files (%s bytes, kind %s) from %s into %s",
         result.files,
@@ -410,7 +471,14 @@ def fetch_url(
 
     The bytes stream into ``<cache>/<name>.part``, resumed with an HTTP ``Range`` request
     after a dropped connection when the server supports it, and the file is renamed to its
-    final name only once it is complete, is not an HTML page and matches ``sha256``.
+    final name only once it is complete, is not an HTML page and matches ``sha256``. The
+    server's ``ETag`` and ``Last-Modified`` are kept beside it in ``<name>.json``.
+
+    A cached copy is reused as is when ``sha256`` pins its content. Without a pin it is
+    revalidated with a conditional request (``If-None-Match`` / ``If-Modified-Since``): a
+    304 answer reuses it, a 200 answer replaces it, so a file that changed upstream under
+    the same URL is downloaded again. If the server cannot be reached, the cached copy is
+    used with a warning.
 
     Args:
         url: an http(s) URL.
@@ -425,7 +493,7 @@ def fetch_url(
         backoff_s: the first pause between attempts; it doubles each time, up to 8 s.
 
     Returns:
-        The cached file and its sha256.
+        The cached file, its sha256 and the server's validators.
 
     Raises:
         StageError: HTTP error, too many failed attempts, an HTML page, or a wrong sha256
@@ -441,26 +509,45 @@ def fetch_url(
         log.info("waiting for another process that is downloading %s", url)
         lock.acquire()
     try:
-        if final.is_file():
-            digest = file_sha256(final)
-            if expected is None or digest == expected:
-                log.info("using the cached download %s", final)
-                return Download(final, digest, reused=True)
-            log.warning(
-                "cached %s has sha256 %s, not %s; downloading again", final, digest, expected
-            )
-            remove(final)
+        sidecar = final.with_name(final.name + ".json")
+        cached = _cached_download(final, sidecar, url, expected)
+        if cached is not None and expected is not None:
+            log.info("using the cached download %s", final)
+            return cached
         with requests.Session() as session:
             session.headers["User-Agent"] = USER_AGENT
             transfer = _Transfer(
                 session, url, final.with_name(final.name + ".part"), expected, timeout_s, check_hint
             )
-            resumed = transfer.run(retries, backoff_s)
+            if cached is not None:
+                transfer.conditional = _conditional_headers(cached)
+                if not transfer.conditional:
+                    log.info(
+                        "the server sent no ETag or Last-Modified for %s, so the cached copy "
+                        "cannot be revalidated; downloading it again",
+                        url,
+                    )
+            try:
+                resumed = transfer.run(retries, backoff_s)
+            except _DownloadFailed as exc:
+                if cached is None:
+                    raise
+                log.warning(
+                    "could not check whether %s changed (%s); using the cached copy %s",
+                    url,
+                    exc,
+                    final,
+                )
+                return cached
+            if transfer.not_modified and cached is not None:
+                log.info("%s has not changed (HTTP 304); using the cached download", url)
+                return cached
             digest = _verify(transfer, expect)
             if digest is None and resumed:
                 # The resumed bytes may come from a changed file: start once from scratch.
                 log.warning("the resumed download of %s failed verification; starting over", url)
                 transfer.discard()
+                transfer.conditional = None
                 transfer.run(retries, backoff_s)
                 digest = _verify(transfer, expect)
         if digest is None:
@@ -470,11 +557,61 @@ def fetch_url(
                 f"sha256 mismatch for {url}: expected {expected}, got {actual}; the download "
                 f"was deleted. {mismatch_hint}"
             )
+        try:
+            meta = read_json(transfer.meta)
+        except (OSError, ValueError):
+            meta = {}
         os.replace(transfer.part, final)
+        download = Download(
+            final,
+            digest,
+            reused=False,
+            etag=meta.get("etag") if isinstance(meta, dict) else None,
+            last_modified=meta.get("last_modified") if isinstance(meta, dict) else None,
+        )
+        write_json(
+            sidecar,
+            {
+                "url": url,
+                "sha256": digest,
+                "etag": download.etag,
+                "last_modified": download.last_modified,
+            },
+        )
         remove(transfer.meta)
-        return Download(final, digest, reused=False)
+        return download
     finally:
         lock.release()
+
+
+def _cached_download(final: Path, sidecar: Path, url: str, expected: str | None) -> Download | None:
+    """The complete cached copy of ``url``, or ``None`` (a copy with the wrong hash is deleted)."""
+    if not final.is_file():
+        return None
+    digest = file_sha256(final)
+    if expected is not None and digest != expected:
+        log.warning("cached %s has sha256 %s, not %s; downloading again", final, digest, expected)
+        remove(final)
+        remove(sidecar)
+        return None
+    try:
+        meta = read_json(sidecar)
+    except (OSError, ValueError):
+        meta = {}
+    if not isinstance(meta, dict) or meta.get("url") != url or meta.get("sha256") != digest:
+        meta = {}  # validators of other bytes would make a 304 lie
+    return Download(
+        final, digest, reused=True, etag=meta.get("etag"), last_modified=meta.get("last_modified")
+    )
+
+
+def _conditional_headers(cached: Download) -> dict[str, str]:
+    headers = {}
+    if cached.etag:
+        headers["If-None-Match"] = cached.etag
+    if cached.last_modified:
+        headers["If-Modified-Since"] = cached.last_modified
+    return headers
 
 
 def _verify(transfer: _Transfer, expect: str) -> str | None:
@@ -504,6 +641,10 @@ class _Transfer:
     expected: str | None
     timeout_s: float
     check_hint: str
+    # Headers of a revalidation (If-None-Match / If-Modified-Since), sent with a fresh
+    # start only; a 304 answer then sets ``not_modified``.
+    conditional: dict[str, str] | None = None
+    not_modified: bool = False
 
     @property
     def meta(self) -> Path:
@@ -538,7 +679,7 @@ class _Transfer:
                     retries + 1,
                     exc,
                 )
-        raise StageError(
+        raise _DownloadFailed(
             f"could not download {self.url} after {retries + 1} attempts: {last_error}. Check "
             f"the network and {self.check_hint}; raise fetch.retries or fetch.timeout_s for a "
             "slow or flaky link."
@@ -552,6 +693,8 @@ class _Transfer:
             headers["Range"] = f"bytes={offset}-"
             if validator:
                 headers["If-Range"] = validator
+        elif self.conditional:
+            headers.update(self.conditional)
         timeout = (self.timeout_s, self.timeout_s)
         try:
             response = self.session.get(self.url, stream=True, timeout=timeout, headers=headers)
@@ -566,6 +709,9 @@ class _Transfer:
             if status == 416:
                 self.discard()
                 raise _TransientError("the server refused to resume; starting over")
+            if status == 304 and not offset and self.conditional:
+                self.not_modified = True
+                return False
             if status not in (200, 206):
                 raise StageError(
                     f"HTTP {status} {response.reason} for {self.url}; check {self.check_hint} "
@@ -580,7 +726,15 @@ class _Transfer:
                 log.info("resuming %s at byte %d", self.url, offset)
             else:
                 offset, mode = 0, "wb"
-                write_json(self.meta, {"url": self.url, "validator": _validator(response)})
+                write_json(
+                    self.meta,
+                    {
+                        "url": self.url,
+                        "validator": _validator(response),
+                        "etag": response.headers.get("ETag"),
+                        "last_modified": response.headers.get("Last-Modified"),
+                    },
+                )
             length = response.headers.get("Content-Length")
             total = offset + int(length) if length and length.isdigit() else None
             with (
@@ -796,12 +950,104 @@ def _write_archive(
     )
 
 
-def _copy_folder(source: str, folder: Path, images: Path) -> FetchResult:
-    root = folder.resolve()
-    files = 0
-    total = 0
-    skipped: list[str] = []
+def _copy_folder(source: str, folder: Path, tmp: Path, index: HashIndex) -> FetchResult:
+    """Copy the files of ``folder`` into ``tmp/images``, hashing each as it is copied."""
+    listing = list_folder(folder)
+    images = tmp / "images"
     images.mkdir(parents=True)
+    for rel in listing.folders:
+        (images / rel).mkdir()
+    if listing.skipped:
+        log.warning(
+            "skipped %d entries of %s: %s%s",
+            len(listing.skipped),
+            folder,
+            "; ".join(listing.skipped[:5]),
+            " ..." if len(listing.skipped) > 5 else "",
+        )
+    if not listing.files:
+        raise StageError(
+            f"the folder {folder} holds no files; fetch.source must be a folder of class "
+            "sub-folders (e.g. cats/1.jpg, dogs/2.jpg)"
+        )
+    hashes: dict[str, str] = {}
+    total = 0
+    for rel, path in listing.files:
+        hashes[rel], size = _copy_and_hash(path, images / rel, index, rel)
+        total += size
+    index.forget_except(hashes)
+    manifest = folder_manifest(hashes)
+    (tmp / MANIFEST_NAME).write_bytes(manifest)
+    return FetchResult(
+        source=source,
+        kind="folder",
+        files=len(hashes),
+        bytes=total,
+        sha256=None,
+        origin=str(listing.root),
+        details={"skipped": listing.skipped},
+        fingerprint={
+            "method": "sha256-tree",
+            "path": str(listing.root),
+            "sha256": hashlib.sha256(manifest).hexdigest(),
+            "files": len(hashes),
+            "manifest": MANIFEST_NAME,
+        },
+    )
+
+
+def _copy_and_hash(source: Path, dest: Path, index: HashIndex, key: str) -> tuple[str, int]:
+    """Copy one file, returning its sha256 and size; refuse a file that changes meanwhile."""
+    before = os.stat(source)
+    began_ns = time.time_ns()
+    digest = hashlib.sha256()
+    size = 0
+    # "xb": a fresh staging folder; never follow a link at the destination.
+    with open(source, "rb") as reader, open(dest, "xb") as writer:
+        while chunk := reader.read(CHUNK_BYTES):
+            digest.update(chunk)
+            writer.write(chunk)
+            size += len(chunk)
+    if stat_key(os.stat(source)) != stat_key(before):
+        raise StageError(
+            f"{source} changed while it was being copied; run fetch again once nothing "
+            "writes to the source folder"
+        )
+    index.record(key, before, digest.hexdigest(), began_ns)
+    return digest.hexdigest(), size
+
+
+# -- local sources: listing, content fingerprints, and the hash index ----------------------
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """What :func:`list_folder` found: the files fetch copies, and what it skips.
+
+    Attributes:
+        root: the resolved folder.
+        files: ``(relative POSIX path, file to read)`` for every regular file, and for every
+            symlink to a regular file inside the folder (read through the link), sorted.
+        folders: relative paths of the sub-folders to create, parents first.
+        skipped: ``"<relative path> (<why>)"`` for each entry that is not copied.
+    """
+
+    root: Path
+    files: list[tuple[str, Path]]
+    folders: list[str]
+    skipped: list[str]
+
+
+def list_folder(folder: Path) -> FolderListing:
+    """List a local source folder exactly as :func:`fetch` copies it.
+
+    Symlinked folders, symlinks that point outside the folder or at something other than a
+    regular file, and special files (FIFOs, sockets, devices) are skipped.
+    """
+    root = Path(folder).resolve()
+    files: list[tuple[str, Path]] = []
+    folders: list[str] = []
+    skipped: list[str] = []
     # os.walk is bounded: it does not follow symlinked folders (followlinks=False).
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         here = Path(dirpath)
@@ -812,7 +1058,7 @@ def _copy_folder(source: str, folder: Path, images: Path) -> FetchResult:
                 skipped.append(f"{rel / name} (symlinked folder)")
                 dirnames.remove(name)
             else:
-                (images / rel / name).mkdir()
+                folders.append((rel / name).as_posix())
         for name in sorted(filenames):
             path = here / name
             mode = os.lstat(path).st_mode
@@ -828,31 +1074,151 @@ def _copy_folder(source: str, folder: Path, images: Path) -> FetchResult:
             elif not stat.S_ISREG(mode):
                 skipped.append(f"{rel / name} (not a regular file)")
                 continue
-            shutil.copyfile(path, images / rel / name)
-            files += 1
-            total += (images / rel / name).stat().st_size
-    if skipped:
-        log.warning(
-            "skipped %d entries of %s: %s%s",
-            len(skipped),
-            folder,
-            "; ".join(skipped[:5]),
-            " ..." if len(skipped) > 5 else "",
-        )
-    if files == 0:
-        raise StageError(
-            f"the folder {folder} holds no files; fetch.source must be a folder of class "
-            "sub-folders (e.g. cats/1.jpg, dogs/2.jpg)"
-        )
-    return FetchResult(
-        source=source,
-        kind="folder",
-        files=files,
-        bytes=total,
-        sha256=None,
-        origin=str(root),
-        details={"skipped": skipped},
-    )
+            files.append(((rel / name).as_posix(), path))
+    return FolderListing(root, files, folders, skipped)
+
+
+def folder_manifest(hashes: Mapping[str, str]) -> bytes:
+    """``sha256sum``-format lines (``<sha256>  <path>``) sorted by path.
+
+    Names holding a backslash, newline or carriage return are escaped the way GNU
+    ``sha256sum`` does it (the line then starts with ``\\``), so
+    ``cd data/raw/images && sha256sum -c ../source.sha256`` checks a fetched folder.
+    """
+    lines = []
+    for rel in sorted(hashes):
+        if any(char in rel for char in "\\\n\r"):
+            escaped = rel.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+            lines.append(f"\\{hashes[rel]}  {escaped}\n")
+        else:
+            lines.append(f"{hashes[rel]}  {rel}\n")
+    # surrogateescape: file names that are not UTF-8 round-trip byte for byte.
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def parse_manifest(data: bytes) -> dict[str, str]:
+    """Read :func:`folder_manifest`'s output back into ``{relative path: sha256}``."""
+    hashes = {}
+    # split("\n"), not splitlines(): names may hold other line-breaking characters.
+    for line in data.decode("utf-8", "surrogateescape").split("\n"):
+        if not line:
+            continue
+        escaped = line.startswith("\\")
+        digest, _, rel = line.removeprefix("\\").partition("  ")
+        if escaped:
+            rel = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), rel)
+        hashes[rel] = digest
+    return hashes
+
+
+# A file whose mtime or ctime is this close to the moment it was hashed may still change
+# within the same timestamp tick without its stat changing (git calls this "racy"); its hash
+# is recorded, but it is hashed again next time rather than trusted on its stat.
+RACY_WINDOW_NS = 2_000_000_000
+ARCHIVE_KEY = "."  # the index key of a single-file source (a local archive, a weights file)
+_INDEX_VERSION = 1
+
+
+def stat_key(st: os.stat_result) -> list[int]:
+    """What the hash index compares: size, mtime, ctime, inode and device."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+class HashIndex:
+    """sha256s of a local source's files, reused while each file's stat stays the same.
+
+    Like DVC's state database or git's index, it is a cache of facts ("the file with this
+    size, mtime, ctime and inode had this hash"), so a stale or lost index costs hashing
+    again, never a wrong answer. ctime is in the key because no tool can set it: a file
+    rewritten with its old size and mtime restored (``cp -p``, ``rsync -t``, ``tar``) still
+    shows as changed. One JSON file per source path, in ``<cache>/sources/``.
+
+    Args:
+        path: the index file; ``None`` for an index kept in memory only.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._dirty = False
+        if path is None or not path.is_file():
+            return
+        try:
+            data = read_json(path)
+        except (OSError, ValueError):
+            return  # a damaged cache is rebuilt
+        if isinstance(data, dict) and data.get("version") == _INDEX_VERSION:
+            entries = data.get("files")
+            if isinstance(entries, dict):
+                self.entries = entries
+
+    @classmethod
+    def for_source(cls, folder: Path, source: Path) -> HashIndex:
+        """The index of ``source`` (a file or folder) kept under ``folder/sources/``."""
+        name = hashlib.sha256(os.fsencode(Path(source).resolve())).hexdigest()[:24]
+        return cls(Path(folder) / "sources" / f"{name}.json")
+
+    def lookup(self, key: str, st: os.stat_result) -> str | None:
+        """The recorded sha256 of ``key`` if its stat is unchanged and was trusted."""
+        entry = self.entries.get(key)
+        if isinstance(entry, dict) and entry.get("stat") == stat_key(st):
+            digest = entry.get("sha256")
+            return digest if isinstance(digest, str) else None
+        return None
+
+    def record(self, key: str, st: os.stat_result, digest: str, hashed_at_ns: int) -> None:
+        """Record that ``key``, with stat ``st`` (taken before hashing), had ``digest``."""
+        racy = max(st.st_mtime_ns, st.st_ctime_ns) + RACY_WINDOW_NS > hashed_at_ns
+        entry = {"sha256": digest, "stat": None if racy else stat_key(st)}
+        if self.entries.get(key) != entry:
+            self.entries[key] = entry
+            self._dirty = True
+
+    def forget_except(self, keys: Iterable[str]) -> None:
+        """Drop the entries of files that are gone."""
+        keep = set(keys)
+        for key in [key for key in self.entries if key not in keep]:
+            del self.entries[key]
+            self._dirty = True
+
+    def save(self) -> None:
+        """Write the index if it changed; a cache that cannot be written is only logged."""
+        if self.path is None or not self._dirty:
+            return
+        try:
+            write_json(self.path, {"version": _INDEX_VERSION, "files": self.entries})
+            self._dirty = False
+        except OSError as exc:
+            log.warning("could not save the hash index %s: %s", self.path, exc)
+
+
+def hash_file(path: Path, index: HashIndex | None = None, key: str = ARCHIVE_KEY) -> str:
+    """The sha256 of a local file, taken from ``index`` while its stat is unchanged.
+
+    Raises:
+        StageError: the file kept changing while it was read.
+    """
+    before = os.stat(path)
+    if index is not None and (known := index.lookup(key, before)) is not None:
+        return known
+    for _ in range(3):
+        began_ns = time.time_ns()
+        digest = file_sha256(path)
+        after = os.stat(path)
+        if stat_key(after) == stat_key(before):
+            if index is not None:
+                index.record(key, before, digest, began_ns)
+            return digest
+        before = after
+    raise StageError(f"{path} kept changing while it was read; try again once nothing writes to it")
+
+
+def hash_folder(listing: FolderListing, index: HashIndex | None = None) -> dict[str, str]:
+    """The sha256 of every file in ``listing``, by relative path, reusing ``index``."""
+    hashes = {rel: hash_file(path, index, rel) for rel, path in listing.files}
+    if index is not None:
+        index.forget_except(hashes)
+    return hashes
 
 
 # -- command line ---------------------------------------------------------------------------

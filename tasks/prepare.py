@@ -23,6 +23,7 @@ import gzip
 import io
 import os
 import struct
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -243,7 +244,10 @@ def decode(item: Item, params: PrepareParams) -> Decoded:
     except UnidentifiedImageError:
         return Decoded(item, sha256=digest, reason="not an image (unknown format)")
     except Image.DecompressionBombError as exc:
-        return Decoded(item, sha256=digest, reason=f"too large: {exc}")
+        return Decoded(
+            item, sha256=digest,
+            reason=f"too large: over prepare.max_pixels={params.max_pixels} ({exc})",
+        )  # fmt: skip
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return Decoded(item, sha256=digest, reason=f"corrupt or truncated image: {exc}")
     except Exception as exc:
@@ -355,7 +359,10 @@ def prepare(params: PrepareParams, raw: Path, out: Path) -> PrepareResult:
     previous_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = params.max_pixels  # PIL's decompression-bomb guard, as configured
     try:
-        return _prepare_items(params, classes, items, out)
+        with warnings.catch_warnings():  # entered once, here, not in the decoding threads
+            # Between 1x and 2x the limit PIL only warns; `decode` rejects those images itself.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _prepare_items(params, classes, items, out)
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
 

@@ -20,7 +20,10 @@ It binds ``127.0.0.1`` on a free port and serves each request in its own thread.
   status (e.g. 503);
 - ``html``: answer with an HTML page and status 200, as a login or "not found" page does
   (``True`` for every path, or a collection of paths);
-- ``ranges``: honour ``Range`` (and ``If-Range``) requests with 206 answers.
+- ``ranges``: honour ``Range`` (and ``If-Range``) requests with 206 answers;
+- ``conditional``: answer ``If-None-Match`` / ``If-Modified-Since`` with 304 when the file
+  has not changed (the ``ETag`` is built from the file's size and mtime in nanoseconds, so
+  rewriting a file changes it).
 
 Every request is recorded in :attr:`FileServer.requests`. Every loop in here is bounded
 by the size of the file being sent, and stopping the server wakes throttled senders.
@@ -35,7 +38,7 @@ import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -58,6 +61,8 @@ class Request:
     range: str | None
     if_range: str | None
     status: int
+    if_none_match: str | None = None
+    if_modified_since: str | None = None
 
 
 class FileServer:
@@ -74,6 +79,7 @@ class FileServer:
         html: answer with an HTML page (status 200): ``True`` for all paths, or the paths.
         ranges: support ``Range`` requests (otherwise they are answered with the full file).
         etag: send an ``ETag`` header (``Last-Modified`` is always sent).
+        conditional: answer conditional requests with 304 Not Modified.
     """
 
     def __init__(
@@ -89,6 +95,7 @@ class FileServer:
         html: bool | Collection[str] = False,
         ranges: bool = True,
         etag: bool = True,
+        conditional: bool = True,
     ) -> None:
         self.root = Path(root).resolve()
         self.throttle_bps = throttle_bps
@@ -100,6 +107,7 @@ class FileServer:
         self.html = html
         self.ranges = ranges
         self.etag = etag
+        self.conditional = conditional
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._gets = 0
@@ -196,7 +204,13 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             # Record before the client can see the answer, so tests never race the log.
             path = unquote(urlsplit(self.path).path).lstrip("/")
             request = Request(
-                self.command, path, self.headers.get("Range"), self.headers.get("If-Range"), code
+                self.command,
+                path,
+                self.headers.get("Range"),
+                self.headers.get("If-Range"),
+                code,
+                self.headers.get("If-None-Match"),
+                self.headers.get("If-Modified-Since"),
             )
             server._record(request)
             super().send_response(code, message)
@@ -223,6 +237,13 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             mtime = file.stat().st_mtime_ns
             etag = f'"{size:x}-{mtime:x}"'
             last_modified = formatdate(mtime / 1e9, usegmt=True)
+            if server.conditional and self._not_modified(etag, mtime):
+                self.send_response(304)
+                if server.etag:
+                    self.send_header("ETag", etag)
+                self.send_header("Last-Modified", last_modified)
+                self.end_headers()
+                return 304
             start, end, status = 0, size - 1, 200
             match = _RANGE.match(range_header or "") if server.ranges else None
             validator_ok = if_range is None or if_range in (
@@ -254,6 +275,21 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 drop = server.drop_after_bytes if 0 < number <= server.drop_requests else None
                 self._send_file(file, start, end - start + 1, drop)
             return status
+
+        def _not_modified(self, etag: str, mtime_ns: int) -> bool:
+            """RFC 9110 13.2.2: If-None-Match wins; else If-Modified-Since (whole seconds)."""
+            if_none_match = self.headers.get("If-None-Match")
+            if if_none_match is not None:
+                tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+                return server.etag and ("*" in tags or etag in tags)
+            if_modified_since = self.headers.get("If-Modified-Since")
+            if if_modified_since is None:
+                return False
+            try:
+                since = parsedate_to_datetime(if_modified_since).timestamp()
+            except (TypeError, ValueError):
+                return False
+            return mtime_ns // 1_000_000_000 <= since
 
         def _send_bytes(self, status: int, payload: bytes, content_type: str, body: bool) -> int:
             self.send_response(status)

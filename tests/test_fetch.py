@@ -57,12 +57,14 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 def cached(cache: Path) -> list[str]:
-    """The download cache's files, lock files aside."""
-    return (
-        sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
-        if cache.exists()
-        else []
-    )
+    """The download cache's files: lock files, validator sidecars and hash indexes aside."""
+
+    def kept(path: Path) -> bool:
+        name = path.name
+        sidecar = name.endswith(".json") and not name.endswith(".part.json")
+        return path.is_file() and not name.endswith(".lock") and not sidecar
+
+    return sorted(p.name for p in cache.iterdir() if kept(p)) if cache.exists() else []
 
 
 @pytest.fixture
