@@ -138,24 +138,30 @@ def _simple_cnn(params: SimpleCnnParams, image_size: tuple[int, int]):
     import keras
 
     height, width = image_size
+    too_small = ValueError(
+        f"simple_cnn: image_size {list(image_size)} is too small for {len(params.filters)} "
+        f"conv blocks (kernel {params.kernel_size}, stride {params.strides}, padding "
+        f"{params.padding!r}, pool {params.pool_size}); raise prepare.image_size or use fewer "
+        "backbone.simple_cnn.filters"
+    )
     inputs = keras.Input((height, width, 3), name="pixels")
     x = inputs
     for index, filters in enumerate(params.filters):
-        x = keras.layers.Conv2D(
-            filters,
-            params.kernel_size,
-            strides=params.strides,
-            padding=params.padding,
-            activation="relu",
-            name=f"conv{index + 1}",
-        )(x)
-        if params.pool_size > 1:
-            x = keras.layers.MaxPooling2D(params.pool_size, name=f"pool{index + 1}")(x)
+        try:  # Keras refuses a layer whose output would be empty, in its own words
+            x = keras.layers.Conv2D(
+                filters,
+                params.kernel_size,
+                strides=params.strides,
+                padding=params.padding,
+                activation="relu",
+                name=f"conv{index + 1}",
+            )(x)
+            if params.pool_size > 1:
+                x = keras.layers.MaxPooling2D(params.pool_size, name=f"pool{index + 1}")(x)
+        except ValueError:
+            raise too_small from None
         if min(x.shape[1], x.shape[2]) < 1:
-            raise ValueError(
-                f"simple_cnn: image_size {list(image_size)} is too small for {len(params.filters)} "
-                "conv blocks; raise prepare.image_size or use fewer backbone.simple_cnn.filters"
-            )
+            raise too_small
     return keras.Model(inputs, x, name=SIMPLE_CNN)
 
 

@@ -137,6 +137,10 @@ class Prepared:
                 tf.TensorSpec((None,), tf.int32),
             ),
         )
+        # A generator's length is unknown to tf.data; stating it lets Keras size its epochs
+        # (no "input ran out of data" warning after the first one, a progress total).
+        n_batches = -(-self.count(split) // batch_size)
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(n_batches))
         dataset = dataset.map(
             lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
         )

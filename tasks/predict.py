@@ -5,8 +5,8 @@ the class names, the image size and the preprocessing (inside the graph, which t
 float32 pixels in 0..255, NHWC). Images are decoded by :func:`tasks.prepare.decode`, the
 function that built the training shards (EXIF orientation applied, any mode converted to
 RGB, resized bilinearly to the model's image size), so an image gets the same pixels here
-as in ``evaluate``. Only ONNX Runtime runs the model: TensorFlow is never imported, which
-keeps the command's start-up well under a second.
+as in ``evaluate``. Only ONNX Runtime runs the model: TensorFlow, whose import alone takes
+seconds, is never imported.
 
 Before anything runs, the model file is checked: external-data paths must stay inside the
 model's folder, and ``onnx.checker`` runs with ``full_check``.
@@ -45,10 +45,10 @@ class PredictError(ValueError):
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """The three ``PrepareParams`` fields :func:`tasks.prepare.decode` reads.
+    """The three ``PrepareParams`` fields that :func:`tasks.prepare.decode` reads.
 
-    The limits are the prepare stage's defaults (a test keeps them equal to
-    ``PrepareParams``'; importing pydantic here would slow every start).
+    The limits are the prepare stage's defaults, and a test checks that they still are
+    (building a ``PrepareParams`` would import pydantic and slow every start).
     """
 
     image_size: tuple[int, int]

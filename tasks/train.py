@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -82,7 +83,7 @@ def _mode(monitor: str) -> str:
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
-    if value is None or math.isnan(value):
+    if value is None or not math.isfinite(value):
         return False
     return best is None or (value > best if mode == "max" else value < best)
 
@@ -281,10 +282,28 @@ def fingerprint(params: TrainParams, backbone_file: Path, prepared: Prepared) ->
     """What a resume must match: everything but the epoch budget and patience."""
     settings = params.model_dump(exclude={"epochs", "early_stopping_patience"})
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    digest.update(backbone_file.read_bytes())
+    digest.update(model_digest(backbone_file))
     digest.update(json.dumps(prepared.classes).encode())
     digest.update(pd_hash(prepared))
     return digest.hexdigest()
+
+
+def model_digest(path: Path) -> bytes:
+    """A digest of a saved model's content: config and weights, not its save date.
+
+    A ``.keras`` archive holds ``metadata.json`` with the time it was saved, so the same
+    backbone saved twice (``dvc repro -f backbone``) differs byte-wise; its other entries
+    do not.
+    """
+    digest = hashlib.sha256()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for name in sorted(archive.namelist()):
+                if name != "metadata.json":
+                    digest.update(name.encode() + b"\0" + archive.read(name))
+    else:
+        digest.update(path.read_bytes())
+    return digest.digest()
 
 
 def pd_hash(prepared: Prepared) -> bytes:
@@ -548,7 +567,7 @@ def train(
     phases = ["head"]
     if use_cache:
         pool_layer = head[0] if feature_rank == 3 else None
-        key_source = hashlib.sha256(backbone_file.read_bytes())
+        key_source = hashlib.sha256(model_digest(backbone_file))
         key_source.update(pd_hash(prepared))
         key_source.update(f"{params.pooling}|{prepared.image_size}".encode())
         features = cached_features(
@@ -611,23 +630,18 @@ def train(
 
 
 def _load_best(model, checkpoint) -> None:
-    """Load the weights of a phase's best checkpoint into ``model``."""
+    """Load the weights of a phase's best checkpoint into ``model`` (the model it was saved from).
+
+    ``load_weights`` reads only the weights of the ``.keras`` archive, never its config.
+    """
     if checkpoint.path is None:
         raise DivergedError(
             f"no epoch produced a finite {checkpoint.monitor}; nothing to save. Lower "
             "train.learning_rate or check the data"
         )
-    model.load_weights(_weights_of(checkpoint.path, model))
-
-
-def _weights_of(checkpoint_path: Path, model) -> Path:
-    """Extract the weights of a ``.keras`` checkpoint to a ``.weights.h5`` beside it."""
-    from tasks.safety import load_model_safely
-
-    best = load_model_safely(checkpoint_path, compile=False)
-    weights = checkpoint_path.with_suffix(".weights.h5")
-    best.save_weights(weights)
-    return weights
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)  # the checkpoint holds its state too
+    model.load_weights(checkpoint.path)
 
 
 def _unfreeze_top(backbone, base_name: str, n_layers: int) -> None:

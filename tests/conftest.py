@@ -13,7 +13,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ("tasks", "flows", "dvc.yaml", "params.yaml", "pyproject.toml", "prefect.yaml")
+PROJECT_FILES = (
+    "tasks",
+    "flows",
+    "presets",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    "prefect.yaml",
+    ".gitignore",
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TLP_NO_PROGRESS", "1")
