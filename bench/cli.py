@@ -82,7 +82,11 @@ def run_group(group: str, work: Path, quick: bool) -> list[Result]:
         return [Result(name, None, None, "", skipped=reason) for name in names]
     for result in results:
         result.details.setdefault("bench_seconds", round(time.perf_counter() - started, 1))
-        state = "skipped" if result.skipped else ("met" if result.met else "MISSED")
+        state = (
+            "skipped"
+            if result.skipped
+            else {True: "met", False: "MISSED", None: "reported"}[result.met]
+        )
         print(
             f"bench: {result.name} = {result.value} {result.unit} (goal {result.goal}): {state}",
             file=sys.stderr,

@@ -6,6 +6,7 @@
 ``tlp server``                   the Prefect dashboard on http://127.0.0.1:4200
 ``tlp serve [--cron|--interval]`` serve the flow as a (scheduled) deployment
 ``tlp predict ...``              ``tasks.predict`` (argv forwarded as is)
+``tlp preset [NAME]``            ``flows.presets``: list presets, or merge one into params.yaml
 
 Prefect, DVC and TensorFlow are imported inside the subcommands, never here, so that
 ``tlp predict`` and ``tlp --help`` start fast. Prefect's state lives in ``.tlp/prefect``
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -40,12 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["predict"]:  # its own parser handles everything after "predict"
         return _predict(argv[1:])
-    args = build_parser().parse_args(argv)
-    from tasks.params import ParamsError
+    if argv[:1] == ["preset"]:
+        from flows.presets import main as preset_main
 
+        return preset_main(argv[1:])
+    args = build_parser().parse_args(argv)
     from flows.locking import WorkspaceBusyError
     from flows.stages import DvcBusyError
     from flows.workspace import NotAProjectError
+    from tasks.params import ParamsError
 
     try:
         return args.handler(args)
@@ -76,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_status)
 
     server = commands.add_parser("server", help="start the Prefect dashboard")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
     server.add_argument("--port", type=int, default=4200, help="port (default: %(default)s)")
     server.set_defaults(handler=_server)
 
@@ -86,13 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     when = serve.add_mutually_exclusive_group()
     when.add_argument("--cron", help='a cron schedule, e.g. "0 3 * * *" (03:00 every day)')
     when.add_argument("--interval", type=float, help="run every this many seconds")
-    serve.add_argument("--name", default=DEFAULT_DEPLOYMENT, help="deployment name (default: %(default)s)")
+    serve.add_argument(
+        "--name", default=DEFAULT_DEPLOYMENT, help="deployment name (default: %(default)s)"
+    )
     _add_set_option(serve, "params overrides for every scheduled run")
     serve.set_defaults(handler=_serve)
 
     commands.add_parser(
         "predict", help="classify images with the exported model (see: tlp predict --help)"
     )
+    commands.add_parser("preset", help="list the presets, or merge one into params.yaml")
     return parser
 
 
@@ -117,10 +127,14 @@ def _run(args: argparse.Namespace) -> int:
     root = project_root()
     overrides = parse_set_options(args.overrides)
     api = prefect_environment(root)
-    print(f"tlp: Prefect API {api or 'embedded (temporary server; start `tlp server` to keep one)'}")
+    print(
+        f"tlp: Prefect API {api or 'embedded (temporary server; start `tlp server` to keep one)'}"
+    )
     from flows.pipeline import pipeline
 
-    state = pipeline(overrides=overrides or None, save_experiment=args.save_experiment, return_state=True)
+    state = pipeline(
+        overrides=overrides or None, save_experiment=args.save_experiment, return_state=True
+    )
     run_id = state.state_details.flow_run_id
     if state.is_completed():
         outcomes: dict[str, str] = state.result()
@@ -144,7 +158,7 @@ def _status(args: argparse.Namespace) -> int:
     from flows.workspace import project_root
 
     root = project_root()
-    plan = stages.inspect(root)
+    plan = stages.read_pipeline(root)
     will_run: set[str] = set()
     rows = []
     for stage in plan.stages:
@@ -152,7 +166,9 @@ def _status(args: argparse.Namespace) -> int:
         if stage.stale:
             rows.append({"stage": stage.name, "status": "will run", "why": stage.reason})
         elif after:
-            rows.append({"stage": stage.name, "status": "will run", "why": f"after {', '.join(after)}"})
+            rows.append(
+                {"stage": stage.name, "status": "will run", "why": f"after {', '.join(after)}"}
+            )
         else:
             rows.append({"stage": stage.name, "status": "up to date", "why": ""})
         if rows[-1]["status"] == "will run":
@@ -191,17 +207,26 @@ def _server(args: argparse.Namespace) -> int:
     record = tlp_dir(root) / SERVER_FILE
     record.write_text(json.dumps({"url": url, "api": f"{url}/api", "pid": os.getpid()}))
     print(f"tlp: dashboard at {url} (Prefect home {os.environ['PREFECT_HOME']}); Ctrl-C stops it")
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
+    command = [sys.executable, "-m", "prefect", "server", "start"]
+    command += ["--host", args.host, "--port", str(args.port)]
+    process = subprocess.Popen(command, env=env)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as Ctrl-C does
     try:
-        with subprocess.Popen(command, env=env) as process:
-            try:
-                return process.wait()
-            except KeyboardInterrupt:
-                process.terminate()
-                process.wait(timeout=30)
-                return 0
+        return process.wait()
+    except KeyboardInterrupt:
+        return 0
     finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
         record.unlink(missing_ok=True)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -221,7 +246,11 @@ def _serve(args: argparse.Namespace) -> int:
     os.chdir(root)  # the deployment's entrypoint (flows/pipeline.py) is relative to here
     from flows.pipeline import pipeline
 
-    schedule = f"cron {args.cron!r}" if args.cron else (f"every {args.interval:g}s" if args.interval else "no schedule")
+    schedule = (
+        f"cron {args.cron!r}"
+        if args.cron
+        else (f"every {args.interval:g}s" if args.interval else "no schedule")
+    )
     print(f"tlp: serving deployment {args.name!r} ({schedule}) on {api}; Ctrl-C stops it")
     pipeline.serve(
         name=args.name,
@@ -239,7 +268,9 @@ def _predict(argv: list[str]) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != "tasks.predict":
             raise
-        print("ERROR: tlp predict needs tasks/predict.py, which this checkout lacks", file=sys.stderr)
+        print(
+            "ERROR: tlp predict needs tasks/predict.py, which this checkout lacks", file=sys.stderr
+        )
         return 1
     return predict_main(argv)
 

@@ -39,7 +39,9 @@ def tlp_dir(root: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     ignore = path / ".gitignore"
     if not ignore.exists():
-        ignore.write_text("# tlp's local state (locks, Prefect home, downloads); never commit it\n*\n")
+        ignore.write_text(
+            "# tlp's local state (locks, Prefect home, downloads); never commit it\n*\n"
+        )
     return path
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -28,6 +28,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
+from prefect.utilities.annotations import quote
 
 from flows import reports, stages
 from flows.locking import workspace_lock
@@ -94,7 +95,7 @@ def run_stage(
     return Completed(name="Cached", message="DVC found it up to date", data=outcome)
 
 
-def stage_task(stage: str):
+def stage_task(stage: str) -> Task:
     """The Prefect task for one stage: named after it, never cached by Prefect (DVC does)."""
     return task(
         run_stage,
@@ -107,7 +108,9 @@ def stage_task(stage: str):
 
 
 @flow(name=FLOW_NAME, description="Fetch, prepare, train, evaluate and export, through DVC.")
-def pipeline(overrides: dict[str, Any] | None = None, save_experiment: bool = True) -> dict[str, str]:
+def pipeline(
+    overrides: dict[str, Any] | None = None, save_experiment: bool = True
+) -> dict[str, str]:
     """Bring the whole pipeline up to date through DVC, one task per stage.
 
     Args:
@@ -132,7 +135,7 @@ def pipeline(overrides: dict[str, Any] | None = None, save_experiment: bool = Tr
             logger.info("params overrides for this run: %s", changes)
         try:
             with overrides_applied(root, changes):
-                plan = stages.inspect(root)
+                plan = stages.read_pipeline(root)
                 logger.info("pipeline from dvc.yaml: %s", " -> ".join(plan.names))
                 bring_up_to_date(plan, outcomes)
                 experiment = record_run(plan, outcomes, run_name, save_experiment)
@@ -155,17 +158,19 @@ def bring_up_to_date(plan: Pipeline, outcomes: list[StageOutcome]) -> None:
         0.0, key="pipeline-progress", description="Stages brought up to date, in percent"
     )
     changed: set[str] = set()
+    states: dict[str, State] = {}
     total = len(plan.stages)
     for index, stage in enumerate(plan.stages, start=1):
         changed_upstream = [name for name in stage.upstream if name in changed]
         started = time.perf_counter()
-        state = stage_task(stage.name)(
+        state = states[stage.name] = stage_task(stage.name)(
             str(plan.root),
             stage.name,
             f"{index}/{total}",
             stage.stale,
             stage.reason,
-            changed_upstream,
+            quote(changed_upstream),  # names, not results: no dependency edges from them
+            wait_for=[states[name] for name in stage.needs],  # dvc.yaml's edges in the UI graph
             return_state=True,
         )
         if not state.is_completed():
@@ -193,9 +198,7 @@ def _flow_error(stage: str, error: Any) -> Exception:
     return StageFailedError(stage, str(error))
 
 
-def record_run(
-    plan: Pipeline, outcomes: list[StageOutcome], run_name: str, save: bool
-) -> str:
+def record_run(plan: Pipeline, outcomes: list[StageOutcome], run_name: str, save: bool) -> str:
     """Save the run as a DVC experiment if a stage ran; return its name or why not."""
     logger = get_run_logger()
     if not save:

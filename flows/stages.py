@@ -1,6 +1,6 @@
 """What DVC knows about the stages, asked once per run, and how one stage is run through DVC.
 
-* :func:`inspect` reads the graph from ``dvc.yaml`` (DVC's own index, topologically sorted,
+* :func:`read_pipeline` reads the graph from ``dvc.yaml`` (DVC's own index, topologically sorted,
   ties kept in ``dvc.yaml`` order) and ``dvc status`` for every stage, in this process and
   in one go, and turns each stale stage's status into a reason a person can read
   ("params train.epochs 3 -> 5", "tasks/train.py modified").
@@ -18,6 +18,7 @@ import collections
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -25,8 +26,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 LOCK_FILE = "dvc.lock"
 DVC_LOCKED = "Unable to acquire lock"
@@ -65,12 +64,14 @@ class Stage:
 
     Attributes:
         name: the stage name in ``dvc.yaml``.
+        needs: the stages whose outputs it reads directly (the graph's edges).
         upstream: the stages whose outputs it depends on, directly or not.
         stale: whether ``dvc status`` reports it changed.
         reason: why it is stale ("" when it is up to date).
     """
 
     name: str
+    needs: tuple[str, ...]
     upstream: tuple[str, ...]
     stale: bool
     reason: str
@@ -121,7 +122,7 @@ class StageRun:
     seconds: float
 
 
-def inspect(root: Path) -> Pipeline:
+def read_pipeline(root: Path) -> Pipeline:
     """Read the stage graph and every stage's status, once, with DVC's Python API.
 
     Raises:
@@ -153,10 +154,14 @@ def inspect(root: Path) -> Pipeline:
                     for o in stage.outs
                     if o.plot
                 )
-                uncached += [o.def_path for o in stage.outs if (o.metric or o.plot) and not o.use_cache]
-            upstream = {}
+                uncached += [
+                    o.def_path for o in stage.outs if (o.metric or o.plot) and not o.use_cache
+                ]
+            needs, upstream = {}, {}
             for stage in ordered:
+                direct = set(pipeline_graph.predecessors(stage))
                 needed = nx.ancestors(pipeline_graph, stage)
+                needs[stage.addressing] = tuple(s.addressing for s in ordered if s in direct)
                 upstream[stage.addressing] = tuple(s.addressing for s in ordered if s in needed)
             scm = not isinstance(repo.scm, NoSCM) and not repo.scm.no_commits
     except LockError:
@@ -168,13 +173,11 @@ def inspect(root: Path) -> Pipeline:
         name = stage.addressing
         entries = status.get(name)
         reason = describe_status(name, entries, locked, root) if entries else ""
-        result.append(Stage(name, upstream[name], bool(entries), reason))
+        result.append(Stage(name, needs[name], upstream[name], bool(entries), reason))
     return Pipeline(root, tuple(result), metrics, plots, tuple(uncached), scm)
 
 
-def describe_status(
-    name: str, entries: list[Any], locked: Mapping[str, Any], root: Path
-) -> str:
+def describe_status(name: str, entries: list[Any], locked: Mapping[str, Any], root: Path) -> str:
     """Turn one stage's ``dvc status`` entries into a short reason.
 
     Args:
@@ -191,7 +194,9 @@ def describe_status(
     reasons: list[str] = []
     for entry in entries:
         if isinstance(entry, str):
-            reasons.append({"changed checksum": "its dvc.yaml definition changed"}.get(entry, entry))
+            reasons.append(
+                {"changed checksum": "its dvc.yaml definition changed"}.get(entry, entry)
+            )
             continue
         for kind, changes in entry.items():
             noun = "output" if kind == "changed outs" else ""
@@ -207,11 +212,7 @@ def _params_reason(
     name: str, path: str, change: Mapping[str, str], locked: Mapping[str, Any], root: Path
 ) -> str:
     before = locked.get(name, {}).get("params", {}).get(path, {})
-    try:
-        with (root / path).open(encoding="utf-8") as handle:
-            now = yaml.safe_load(handle) or {}
-    except (OSError, yaml.YAMLError):
-        now = {}
+    now = _load_yaml(root / path)
     diffs: list[str] = []
     for key, kind in change.items():
         if kind != "modified":
@@ -242,10 +243,16 @@ def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
 
 
 def _read_lock(root: Path) -> dict[str, Any]:
+    return _load_yaml(root / LOCK_FILE).get("stages", {})
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    """Read YAML as DVC does (ruamel, YAML 1.2: ``1e-05`` is a float, not a string)."""
+    from dvc.utils.serialize import YAMLFileCorruptedError, load_yaml
+
     try:
-        with (root / LOCK_FILE).open(encoding="utf-8") as handle:
-            return (yaml.safe_load(handle) or {}).get("stages", {})
-    except FileNotFoundError:
+        return load_yaml(path) or {}
+    except (FileNotFoundError, YAMLFileCorruptedError):
         return {}
 
 
@@ -293,6 +300,7 @@ def repro(root: Path, stage: str, emit: Emit) -> StageRun:
         text=True,  # universal newlines: tqdm's "\r" updates arrive as lines too
         errors="replace",
         bufsize=1,
+        start_new_session=True,  # its own process group: DVC and the stage stop together
     ) as process:
         try:
             assert process.stdout is not None
@@ -305,16 +313,29 @@ def repro(root: Path, stage: str, emit: Emit) -> StageRun:
                 restored |= line.startswith(f"Stage '{stage}' is cached")
                 emit(line_level(line), line)
             code = process.wait()
-        except BaseException:  # cancelled or interrupted: do not leave the stage running
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        except BaseException:  # cancelled or interrupted: leave no stage running behind us
+            _stop_group(process)
             raise
     if code != 0:
-        raise _failure(stage, list(tail))
+        raise classify_failure(stage, list(tail))
     return StageRun(stage, ran, restored and not ran, time.perf_counter() - started)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Stop DVC and the stage command it started, gently first.
+
+    SIGINT is a KeyboardInterrupt in both, so the stage's ``atomic_path`` blocks remove
+    their temporary files; SIGTERM and SIGKILL follow if they do not stop in time.
+    """
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def line_level(line: str) -> int:
@@ -327,7 +348,13 @@ def line_level(line: str) -> int:
     return logging.INFO
 
 
-def _failure(stage: str, lines: list[str]) -> Exception:
+def classify_failure(stage: str, lines: list[str]) -> Exception:
+    """The error to raise for a failed ``dvc repro``, from the last lines it printed.
+
+    The stage's own ``ERROR: <stage>: ...`` line (written by ``tasks.common.run_stage``) is
+    preferred to DVC's generic "failed to reproduce"; DVC's lock error and a download that
+    kept failing get their own types, so callers can react (fail clearly, or retry).
+    """
     text = "\n".join(lines)
     if DVC_LOCKED in text:
         return DvcBusyError(DVC_BUSY_MESSAGE)

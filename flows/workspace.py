@@ -9,6 +9,7 @@ imports neither Prefect nor DVC at import time, so the command line stays fast.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -99,7 +100,7 @@ def overrides_applied(root: Path, overrides: Mapping[str, Any]) -> Iterator[None
         return
     path = root / PARAMS_FILE
     original = path.read_text(encoding="utf-8")
-    _write_params(path, _with_overrides(original, str(path), overrides))
+    _write_params(path, _with_overrides(original, overrides))
     try:
         yield
     except BaseException:
@@ -107,17 +108,30 @@ def overrides_applied(root: Path, overrides: Mapping[str, Any]) -> Iterator[None
         raise
 
 
-def _with_overrides(text: str, name: str, overrides: Mapping[str, Any]) -> str:
-    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+def _with_overrides(text: str, overrides: Mapping[str, Any]) -> str:
+    # ruamel (DVC's YAML library) round-trips comments, key order and quoting.
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
 
-    data = parse_yaml_for_update(text, name)
+    round_trip = YAML()
+    round_trip.preserve_quotes = True
+    round_trip.width = 4096  # never re-wrap long lines
+    round_trip.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    data = round_trip.load(text)
     for dotted, value in overrides.items():
         *sections, key = dotted.split(".")
         node = data
         for section in sections:
             node = node.setdefault(section, {})
+        if isinstance(value, list):  # [64, 64] stays on one line, like the rest of the file
+            value = CommentedSeq(value)
+            value.fa.set_flow_style()
         node[key] = value
-    return dumps_yaml(data)
+    stream = io.StringIO()
+    round_trip.dump(data, stream)
+    return stream.getvalue()
 
 
 def _write_params(path: Path, text: str) -> None:

@@ -73,9 +73,9 @@ def extractions(monkeypatch) -> list[str]:
     calls: list[str] = []
     original = tasks.train.extract_features
 
-    def spy(backbone, prepared, split, pooling, batch_size):
+    def spy(backbone, prepared, split, *args, **kwargs):
         calls.append(split)
-        return original(backbone, prepared, split, pooling, batch_size)
+        return original(backbone, prepared, split, *args, **kwargs)
 
     monkeypatch.setattr(tasks.train, "extract_features", spy)
     return calls
