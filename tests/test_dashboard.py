@@ -1,0 +1,101 @@
+"""The Prefect dashboard in a real headless browser (Debian's chromium, driven by Playwright).
+
+Screenshots are kept in tests/artifacts/ (git-ignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.prefect_server import ARTIFACTS, STAGES, shared_pipeline
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Flags that work in this sandbox-less, offline container; a fresh profile per test.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline(request, tmp_path_factory):
+    """The session's shared project, server and first run."""
+    return shared_pipeline(request.config, tmp_path_factory)
+
+
+@pytest.fixture
+def page(tmp_path):
+    """A page in headless chromium with a fresh profile."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1800},  # all six task runs in one shot,
+        )
+        try:
+            page = context.new_page()
+            page.set_default_timeout(90_000)  # a busy 2-core machine renders slowly
+            yield page
+        finally:
+            context.close()
+
+
+def screenshot(page, name: str) -> Path:
+    """Save a full-page screenshot in tests/artifacts/."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_flow_run_page_shows_the_six_stage_task_runs_and_the_metrics_artifact(pipeline, page):
+    server, run_id = pipeline.server, pipeline.first_run_id
+    flow_run = server.flow_run(run_id)
+
+    page.goto(f"{server.url}/runs/flow-run/{run_id}")
+    page.get_by_text(flow_run["name"], exact=True).first.wait_for()
+    page.get_by_text("Task Runs", exact=True).click()
+    page.get_by_text("(6 Completed)").wait_for()
+    for stage in STAGES:
+        page.get_by_text(stage, exact=True).first.wait_for()
+    task_runs_text = page.inner_text("body")
+    shot = screenshot(page, "dashboard-flow-run-task-runs.png")
+    assert shot.stat().st_size > 10_000
+    for stage in STAGES:
+        assert f"\n{stage}\nCompleted\n" in task_runs_text  # the task run row: name, state
+
+    page.get_by_text("Artifacts", exact=True).click()
+    for key in ("eval-metrics", "pipeline-stages", "confusion-matrix", "export-parity"):
+        page.get_by_text(key, exact=True).wait_for()
+    screenshot(page, "dashboard-flow-run-artifacts.png")
+
+    page.get_by_text("confusion-matrix", exact=True).click()  # the Markdown, rendered
+    page.wait_for_url("**/artifacts/artifact/**")
+    page.locator("table").nth(1).wait_for()  # the matrix and the per-class scores
+    matrix_text = page.inner_text("body")
+    assert "actual \\ predicted" in matrix_text and "precision" in matrix_text
+    screenshot(page, "dashboard-confusion-matrix.png")
+
+    artifact = server.artifacts(run_id)["eval-metrics"]  # the metrics table itself
+    metrics = {row["metric"]: row["value"] for row in json.loads(artifact["data"])}
+    page.goto(f"{server.url}/artifacts/artifact/{artifact['id']}")
+    page.get_by_text(str(metrics["accuracy"]), exact=True).wait_for()
+    rows = [row.split() for row in page.locator("tbody tr").all_inner_texts()]
+    screenshot(page, "dashboard-eval-metrics.png")
+    for metric in ("accuracy", "macro_f1", "balanced_accuracy", "test_images"):
+        assert [metric, str(metrics[metric])] in rows  # a table row: name, value

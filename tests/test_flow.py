@@ -1,0 +1,439 @@
+"""The Prefect flow against a real Prefect server (``tlp server``, SQLite on 127.0.0.1).
+
+The slow tests share one shrunken pipeline project, built once by ``tlp run`` (see
+tests/prefect_server.py); each leaves it up to date for the next. The fast tests at the
+end check the pieces the flow's reports are made of.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+
+from flows import reports
+from flows.locking import workspace_lock
+from flows.stages import (
+    DvcBusyError,
+    StageFailedError,
+    TransientStageError,
+    classify_failure,
+    describe_status,
+)
+from tests.conftest import run
+from tests.prefect_server import (
+    STAGES,
+    experiments,
+    flow_run_id,
+    shared_pipeline,
+    spawn,
+    stop_process,
+    tlp,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def pipeline(request, tmp_path_factory):
+    """The session's shared project, server and first run."""
+    return shared_pipeline(request.config, tmp_path_factory)
+
+
+def outcomes(pipeline, run_id: str) -> dict[str, str]:
+    """Stage -> the Prefect state name of its task run (Completed, Cached, Failed)."""
+    return {r["name"]: r["state"]["name"] for r in pipeline.server.task_runs(run_id)}
+
+
+def output_times(project) -> dict[str, float]:
+    """Modification times of every stage output, to prove no stage wrote anything."""
+    paths = ["data/raw", "data/prepared", "models", "metrics", "plots", "dvclive", "dvc.lock"]
+    return {
+        str(path): path.stat().st_mtime_ns
+        for name in paths
+        for path in [project / name, *(project / name).rglob("*")]
+        if path.exists()
+    }
+
+
+def assert_reproducible(project) -> None:
+    """`dvc status` after a run: nothing to reproduce, so `dvc repro` gives the same state."""
+    assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
+
+
+@pytest.mark.slow
+def test_first_run_has_six_completed_stage_tasks_artifacts_and_an_experiment(pipeline):
+    server, project, run_id = pipeline.server, pipeline.project, pipeline.first_run_id
+
+    flow_run = server.flow_run(run_id)
+    assert flow_run["state"]["type"] == "COMPLETED"
+    task_runs = server.task_runs(run_id)
+    assert [r["name"] for r in task_runs] == STAGES  # dvc.yaml's order, one task per stage
+    assert [r["state"]["name"] for r in task_runs] == ["Completed"] * 6
+    assert server.flow_run(run_id)["parameters"] == {"overrides": None, "save_experiment": True}
+
+    artifacts = server.artifacts(run_id)
+    assert {"pipeline-stages", "eval-metrics", "confusion-matrix", "export-parity"} <= set(
+        artifacts
+    )
+
+    stage_rows = json.loads(artifacts["pipeline-stages"]["data"])
+    assert [row["stage"] for row in stage_rows] == STAGES
+    assert {row["outcome"] for row in stage_rows} == {"ran"}
+    assert all("no entry in dvc.lock" in row["why"] for row in stage_rows)
+
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    table = {row["metric"]: row["value"] for row in json.loads(artifacts["eval-metrics"]["data"])}
+    assert table["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert table["test_images"] == metrics["test_images"] == 268
+    assert metrics["accuracy"] > 0.5
+
+    matrix = artifacts["confusion-matrix"]["data"]
+    assert f"of {metrics['test_images']} test images on the diagonal" in matrix
+    assert "| **0** | **" in matrix  # the diagonal cell of class 0, in bold
+    correct = round(metrics["accuracy"] * metrics["test_images"])
+    assert (
+        f"**Confusion matrix**: rows are the actual class, columns the predicted class; {correct} of"
+        in matrix
+    )
+
+    export = json.loads((project / "metrics/export.json").read_text())
+    parity = json.loads(artifacts["export-parity"]["data"])
+    assert parity[0]["value"] == export["top1_agreement"] == 1.0 and parity[0]["passed"] is True
+    assert parity[1]["value"] == export["max_abs_diff"] and parity[1]["passed"] is True
+
+    logs = server.logs(run_id)
+    assert "Epoch 3/3" in logs  # training progress, streamed from the stage into Prefect
+    assert any(m.startswith("[4/6] train: running") for m in logs)
+    assert any("INFO [tlp] evaluate: accuracy" in m for m in logs)
+
+    saved = experiments(project)
+    assert flow_run["name"] in saved, saved.keys()
+    recorded = saved[flow_run["name"]]
+    assert recorded["params"]["train"]["epochs"] == 3
+    assert recorded["metrics"]["metrics/eval.json"]["accuracy"] == pytest.approx(
+        metrics["accuracy"]
+    )
+    assert_reproducible(project)
+
+
+@pytest.mark.slow
+def test_rerun_with_nothing_changed_reports_all_six_cached_and_does_no_work(pipeline):
+    server, project = pipeline.server, pipeline.project
+    before = output_times(project)
+    saved_before = set(experiments(project))
+
+    result = tlp(project, "run", api=server.api)
+    run_id = flow_run_id(result.stdout)
+
+    assert server.flow_run(run_id)["state"]["type"] == "COMPLETED"
+    assert outcomes(pipeline, run_id) == dict.fromkeys(STAGES, "Cached")
+    rows = json.loads(server.artifacts(run_id)["pipeline-stages"]["data"])
+    assert [(row["stage"], row["outcome"]) for row in rows] == [(s, "cached") for s in STAGES]
+    assert not any("Running stage" in m for m in server.logs(run_id))
+    assert output_times(project) == before  # no stage wrote anything
+    assert set(experiments(project)) == saved_before  # nothing new to record
+    assert "cached: fetch, prepare, backbone, train, evaluate, export" in result.stdout
+
+
+@pytest.mark.slow
+def test_epochs_override_reruns_train_evaluate_export_only(pipeline):
+    server, project = pipeline.server, pipeline.project
+    epochs = yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"]
+    new = epochs - 1 if epochs > 1 else epochs + 1
+
+    result = tlp(project, "run", "-S", f"train.epochs={new}", api=server.api)
+    run_id = flow_run_id(result.stdout)
+    flow_run = server.flow_run(run_id)
+
+    assert flow_run["parameters"]["overrides"] == {"train.epochs": new}
+    assert outcomes(pipeline, run_id) == {
+        "fetch": "Cached",
+        "prepare": "Cached",
+        "backbone": "Cached",
+        "train": "Completed",
+        "evaluate": "Completed",
+        "export": "Completed",
+    }
+    rows = {
+        row["stage"]: row for row in json.loads(server.artifacts(run_id)["pipeline-stages"]["data"])
+    }
+    assert rows["train"]["why"] == f"params train.epochs {epochs} -> {new}"
+    assert rows["evaluate"]["why"] == rows["export"]["why"] == "train re-ran upstream"
+
+    # The override is in params.yaml, so `dvc repro` reproduces this run.
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"] == new
+    assert json.loads((project / "models/model.json").read_text())["epochs_run"] == new
+    assert_reproducible(project)
+
+    saved = experiments(project)
+    assert saved[flow_run["name"]]["params"]["train"]["epochs"] == new
+    assert (
+        saved[server.flow_run(pipeline.first_run_id)["name"]]["params"]["train"]["epochs"] == epochs
+    )
+
+
+@pytest.mark.slow
+def test_failing_stage_fails_its_task_and_the_flow_and_leaves_outputs_whole(pipeline):
+    server, project = pipeline.server, pipeline.project
+    params_before = (project / "params.yaml").read_text()
+    raw_before = sorted(str(p.relative_to(project)) for p in (project / "data/raw").rglob("*"))
+    source_json = (project / "data/raw/source.json").read_text()
+
+    # Valid for the params parser, fails inside the fetch stage.
+    result = tlp(project, "run", "-S", "fetch.source=no/such/folder", api=server.api, check=False)
+
+    assert result.returncode == 1
+    assert (
+        "ERROR: stage fetch failed: fetch.source 'no/such/folder' does not exist" in result.stderr
+    )
+    run_id = flow_run_id(result.stderr)
+    flow_run = server.flow_run(run_id)
+    assert flow_run["state"]["type"] == "FAILED"
+    assert "stage fetch failed" in flow_run["state"]["message"]
+    task_runs = server.task_runs(run_id)
+    assert [(r["name"], r["state"]["type"]) for r in task_runs] == [("fetch", "FAILED")]
+    assert task_runs[0]["run_count"] == 1  # not a network error: no retry
+    fetch_logs = server.logs(run_id, task_runs[0]["id"])
+    assert any(
+        "ERROR: fetch: fetch.source 'no/such/folder' does not exist" in m for m in fetch_logs
+    )
+
+    rows = json.loads(server.artifacts(run_id)["pipeline-stages"]["data"])
+    assert [row["outcome"] for row in rows] == ["failed"] + ["not run"] * 5
+
+    # Nothing half-written: the previous outputs are back, no temporary leftovers, and
+    # params.yaml no longer holds the failing override.
+    assert (
+        sorted(str(p.relative_to(project)) for p in (project / "data/raw").rglob("*")) == raw_before
+    )
+    assert (project / "data/raw/source.json").read_text() == source_json
+    assert not [p.name for p in (project / "data").iterdir() if p.name.startswith(".raw")]
+    assert (project / "params.yaml").read_text() == params_before
+    assert_reproducible(project)
+
+
+@pytest.mark.slow
+def test_invalid_override_fails_the_flow_before_any_stage_runs(pipeline):
+    server, project = pipeline.server, pipeline.project
+    params_before = (project / "params.yaml").read_text()
+
+    result = tlp(
+        project, "run", "-S", "train.epochs=0", "-S", "train.nope=1", api=server.api, check=False
+    )
+
+    assert result.returncode == 1
+    run_id = flow_run_id(result.stderr)
+    message = server.flow_run(run_id)["state"]["message"]
+    assert "train.epochs" in message and "unknown key train.nope" in message
+    assert server.task_runs(run_id) == []
+    assert (project / "params.yaml").read_text() == params_before
+
+
+@pytest.mark.slow
+def test_second_run_fails_at_once_while_another_holds_the_workspace(pipeline):
+    server, project = pipeline.server, pipeline.project
+    with workspace_lock(project, "a test holding the lock"):
+        started = time.monotonic()
+        result = tlp(project, "run", api=server.api, check=False)
+        elapsed = time.monotonic() - started
+
+    assert result.returncode == 1
+    assert f"PID {os.getpid()}" in result.stderr and "a test holding the lock" in result.stderr
+    run_id = flow_run_id(result.stderr)
+    assert server.flow_run(run_id)["state"]["type"] == "FAILED"
+    assert server.task_runs(run_id) == []
+    assert elapsed < 60, elapsed  # it did not wait for the holder
+
+
+@pytest.mark.slow
+def test_run_fails_clearly_while_dvc_holds_its_repo_lock(pipeline):
+    from dvc.repo import Repo
+
+    server, project = pipeline.server, pipeline.project
+    with Repo(str(project)) as repo, repo.lock:  # what a `dvc repro` in progress holds
+        result = tlp(project, "run", api=server.api, check=False)
+
+    assert result.returncode == 1
+    assert "DVC's repo lock is held by another DVC process" in result.stderr
+    run_id = flow_run_id(result.stderr)
+    assert server.flow_run(run_id)["state"]["type"] == "FAILED"
+    assert_reproducible(project)
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_on_its_schedule_without_anyone_starting_it(pipeline, tmp_path):
+    server, project = pipeline.server, pipeline.project
+    serve = spawn(
+        [sys.executable, "-m", "flows.cli", "serve", "--interval", "5", "--name", "every-5s"],
+        project,
+        tmp_path / "serve.log",
+        env={"PREFECT_API_URL": server.api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+    )
+    try:
+        deployment = wait_for(
+            lambda: _deployment(server, "every-5s"), 90, "tlp serve to register the deployment"
+        )
+        assert deployment["schedules"][0]["schedule"]["interval"] == 5.0
+
+        def completed_run():
+            runs = server.post(
+                "/flow_runs/filter",
+                {"deployments": {"id": {"any_": [deployment["id"]]}}, "sort": "START_TIME_DESC"},
+            )
+            return next((r for r in runs if r["state"]["type"] == "COMPLETED"), None)
+
+        flow_run = wait_for(completed_run, 180, "a scheduled flow run to complete", interval=2)
+    finally:
+        stop_process(serve)
+    assert flow_run["auto_scheduled"] is True  # created by the scheduler, not by a person
+    assert outcomes(pipeline, flow_run["id"]) == dict.fromkeys(STAGES, "Cached")
+
+
+def _deployment(server, name: str):
+    try:
+        return server.get(f"/deployments/name/tlp-pipeline/{name}")
+    except httpx.HTTPStatusError:  # 404 until it is registered
+        return None
+
+
+@pytest.mark.slow
+def test_prefect_deploy_puts_the_flow_on_a_work_pool_and_a_worker_elsewhere_runs_it(
+    pipeline, tmp_path
+):
+    server, project = pipeline.server, pipeline.project
+    env = {"PREFECT_API_URL": server.api, "PREFECT_HOME": str(project / ".tlp/prefect")}
+    prefect = [sys.executable, "-m", "prefect"]
+    run([*prefect, "work-pool", "create", "tlp", "--type", "process"], project, env=env)
+    run([*prefect, "deploy", "--name", "tlp-pipeline"], project, env=env)  # reads prefect.yaml
+
+    deployment = server.get("/deployments/name/tlp-pipeline/tlp-pipeline")
+    assert deployment["work_pool_name"] == "tlp"
+    assert deployment["entrypoint"] == "flows/pipeline.py:pipeline"
+    assert deployment["pull_steps"] == [
+        {
+            "prefect.deployments.steps.set_working_directory": {
+                "directory": "{{ $TLP_PROJECT_DIR }}"  # resolved on the worker
+            }
+        }
+    ]
+    run([*prefect, "deployment", "run", "tlp-pipeline/tlp-pipeline"], project, env=env)
+
+    elsewhere = tmp_path / "worker-machine"  # the worker runs outside the project
+    elsewhere.mkdir()
+    worker = spawn(
+        [*prefect, "worker", "start", "--pool", "tlp", "--run-once"],
+        elsewhere,
+        tmp_path / "worker.log",
+        env={**env, "TLP_PROJECT_DIR": str(project)},
+    )
+    try:
+
+        def finished_run():
+            runs = server.post(
+                "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}}
+            )
+            return next(
+                (r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED")), None
+            )
+
+        flow_run = wait_for(finished_run, 240, "the worker to run the deployment", interval=2)
+    finally:
+        stop_process(worker)
+    assert flow_run["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+    assert outcomes(pipeline, flow_run["id"]) == dict.fromkeys(STAGES, "Cached")
+
+
+# -- the pieces, without a server --------------------------------------------------------
+
+
+def test_status_reasons_name_the_changed_param_values_files_and_outputs(tmp_path):
+    # 1e-05 without a dot is a float in YAML 1.2 (DVC) but a string for PyYAML: no false diff.
+    (tmp_path / "params.yaml").write_text(
+        "train:\n  epochs: 5\n  fine_tune:\n    learning_rate: 1e-05\n"
+    )
+    locked = {
+        "train": {
+            "params": {
+                "params.yaml": {"train": {"epochs": 3, "fine_tune": {"learning_rate": 1e-05}}}
+            }
+        }
+    }
+    entries = [
+        {"changed deps": {"params.yaml": {"train": "modified"}, "tasks/train.py": "modified"}},
+        {"changed outs": {"models/model.keras": "deleted"}},
+        "changed checksum",
+    ]
+    assert describe_status("train", entries, locked, tmp_path) == (
+        "params train.epochs 3 -> 5; tasks/train.py modified; output models/model.keras deleted; "
+        "its dvc.yaml definition changed"
+    )
+    assert describe_status("evaluate", entries, locked, tmp_path) == (
+        "never ran here (no entry in dvc.lock)"
+    )
+
+
+def test_a_failed_repro_is_reported_with_the_stages_own_error():
+    lines = [
+        "Running stage 'fetch':",
+        "2026-01-01 INFO [tlp] fetching",
+        "ERROR: fetch: fetch.source 'x' does not exist; give an existing folder",
+        "ERROR: failed to reproduce 'fetch': failed to run: python -m tasks.fetch, exited with 1",
+    ]
+    error = classify_failure("fetch", lines)
+    assert type(error) is StageFailedError
+    assert (
+        str(error) == "stage fetch failed: fetch.source 'x' does not exist; give an existing folder"
+    )
+
+    network = classify_failure(
+        "fetch", ["ERROR: fetch: could not download http://x after 4 attempts"]
+    )
+    assert isinstance(network, TransientStageError)
+    assert isinstance(
+        classify_failure("train", ["ERROR: Unable to acquire lock. Most likely"]), DvcBusyError
+    )
+
+
+def test_only_a_network_failure_is_retried():
+    from prefect.states import Failed
+
+    from flows.pipeline import STAGE_TASK_OPTIONS
+
+    retry = STAGE_TASK_OPTIONS["fetch"]["retry_condition_fn"]
+    assert retry(None, None, Failed(data=TransientStageError("fetch", "could not download")))
+    assert not retry(None, None, Failed(data=StageFailedError("fetch", "no such folder")))
+    assert set(STAGE_TASK_OPTIONS) == {"fetch"}  # no other stage retries
+
+
+def test_confusion_matrix_markdown_counts_actual_predicted_pairs(tmp_path):
+    csv_path = tmp_path / "confusion.csv"
+    csv_path.write_text("actual,predicted\ncat,cat\ncat,dog\ndog,dog\ndog,dog\nbird,dog\n")
+    counts = reports.confusion_counts(csv_path)
+    assert counts == {("cat", "cat"): 1, ("cat", "dog"): 1, ("dog", "dog"): 2, ("bird", "dog"): 1}
+    per_class = {"cat": {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}}
+    markdown = reports.confusion_markdown(counts, ["cat", "dog"], per_class)
+    assert "3 of 5 test images on the diagonal" in markdown
+    assert "| actual \\ predicted | cat | dog | bird |" in markdown
+    assert "| **cat** | **1** | 1 | 0 |" in markdown
+    assert "| **bird** | 0 | 1 | **0** |" in markdown
+    assert "| cat | 1.0000 | 0.5000 | 0.6667 | 2 |" in markdown
+
+
+def test_parity_table_checks_the_export_gates():
+    rows = reports.parity_table(
+        {"top1_agreement": 0.98, "max_abs_diff": 1e-5, "parity_images": 200}, 1e-4, 0.99
+    )
+    assert [(r["check"], r["passed"]) for r in rows[:2]] == [
+        ("top-1 agreement, ONNX vs Keras", False),
+        ("max |ONNX - Keras| probability", True),
+    ]
+    assert rows[2] == {"check": "parity_images", "value": 200, "limit": "", "passed": ""}
+    assert reports.metrics_table({"accuracy": 0.5, "per_class": {"a": {}}, "top_k": 3}) == [
+        {"metric": "accuracy", "value": 0.5},
+        {"metric": "top_k", "value": 3},
+    ]
