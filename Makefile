@@ -36,5 +36,8 @@ format: $(STAMP)
 bench: $(STAMP) ## run the benchmarks; results in bench/results.json
 	$(BIN)/python -m bench
 
+dashboard: $(STAMP) ## the Prefect dashboard on http://127.0.0.1:4200
+	$(BIN)/tlp server
+
 clean:
 	rm -rf data/raw data/prepared data/features models metrics plots dvclive .tlp

@@ -57,7 +57,13 @@ STAGE_TASK_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def run_stage(
-    root: str, stage: str, step: str, stale: bool, why: str, changed_upstream: list[str]
+    root: str,
+    stage: str,
+    step: str,
+    stale: bool,
+    why: str,
+    changed_upstream: list[str],
+    force: bool = False,
 ) -> State:
     """Bring one stage up to date through DVC.
 
@@ -68,6 +74,7 @@ def run_stage(
         stale: whether ``dvc status`` reported it changed before the run.
         why: the reason it is stale, from ``dvc status``.
         changed_upstream: stages it depends on that ran in this flow run.
+        force: its outside source changed behind an unchanged param; run it with ``-f``.
 
     Returns:
         A *Completed* state if the stage ran, or a *Cached* one (also Completed) if it was
@@ -83,7 +90,7 @@ def run_stage(
         return Completed(name="Cached", message="up to date, not run", data=outcome)
     reason = why or f"{', '.join(changed_upstream)} re-ran upstream"
     logger.info("[%s] %s: running, because %s", step, stage, reason)
-    result = stages.repro(Path(root), stage, emit=logger.log)
+    result = stages.repro(Path(root), stage, emit=logger.log, force=force)
     if result.ran:
         logger.info("[%s] %s: done in %.1fs", step, stage, result.seconds)
         outcome = StageOutcome(stage, "ran", result.seconds, reason)
@@ -170,6 +177,7 @@ def bring_up_to_date(plan: Pipeline, outcomes: list[StageOutcome]) -> None:
             stage.stale,
             stage.reason,
             quote(changed_upstream),  # names, not results: no dependency edges from them
+            stage.force,
             wait_for=[states[name] for name in stage.needs],  # dvc.yaml's edges in the UI graph
             return_state=True,
         )

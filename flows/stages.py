@@ -68,6 +68,8 @@ class Stage:
         upstream: the stages whose outputs it depends on, directly or not.
         stale: whether ``dvc status`` reports it changed.
         reason: why it is stale ("" when it is up to date).
+        force: its outside source changed behind an unchanged param (see
+            :mod:`flows.freshness`): DVC cannot see that, so the stage runs with ``-f``.
     """
 
     name: str
@@ -75,6 +77,7 @@ class Stage:
     upstream: tuple[str, ...]
     stale: bool
     reason: str
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,8 @@ def read_pipeline(root: Path) -> Pipeline:
             plots: dict[str, tuple[PlotFile, ...]] = {}
             uncached: list[str] = []
             for stage in ordered:
-                metrics[stage.addressing] = tuple(o.def_path for o in stage.outs if o.metric)
-                plots[stage.addressing] = tuple(
+                metrics[stage.name] = tuple(o.def_path for o in stage.outs if o.metric)
+                plots[stage.name] = tuple(
                     PlotFile(o.def_path, dict(o.plot) if isinstance(o.plot, dict) else {})
                     for o in stage.outs
                     if o.plot
@@ -161,19 +164,25 @@ def read_pipeline(root: Path) -> Pipeline:
             for stage in ordered:
                 direct = set(pipeline_graph.predecessors(stage))
                 needed = nx.ancestors(pipeline_graph, stage)
-                needs[stage.addressing] = tuple(s.addressing for s in ordered if s in direct)
-                upstream[stage.addressing] = tuple(s.addressing for s in ordered if s in needed)
+                needs[stage.name] = tuple(s.name for s in ordered if s in direct)
+                upstream[stage.name] = tuple(s.name for s in ordered if s in needed)
             scm = not isinstance(repo.scm, NoSCM) and not repo.scm.no_commits
     except LockError:
         raise DvcBusyError(DVC_BUSY_MESSAGE) from None
 
+    from flows.freshness import stale_sources
+
+    forced = {source.stage: source.reason for source in stale_sources(root)}
     locked = _read_lock(root)
     result = []
     for stage in ordered:
-        name = stage.addressing
+        name = stage.name
         entries = status.get(name)
         reason = describe_status(name, entries, locked, root) if entries else ""
-        result.append(Stage(name, needs[name], upstream[name], bool(entries), reason))
+        if name in forced:
+            reason = "; ".join(filter(None, [reason, forced[name]]))
+        stale = bool(entries) or name in forced
+        result.append(Stage(name, needs[name], upstream[name], stale, reason, name in forced))
     return Pipeline(root, tuple(result), metrics, plots, tuple(uncached), scm)
 
 
@@ -271,13 +280,14 @@ def subprocess_env() -> dict[str, str]:
     }
 
 
-def repro(root: Path, stage: str, emit: Emit) -> StageRun:
+def repro(root: Path, stage: str, emit: Emit, force: bool = False) -> StageRun:
     """Run one stage with ``dvc repro --single-item``; DVC decides whether it must run.
 
     Args:
         root: the project root.
         stage: the stage name.
         emit: called with (logging level, line) for every line the stage prints.
+        force: run it even if DVC thinks it is up to date (``-f``): its source changed.
 
     Returns:
         Whether DVC ran the command or restored the outputs from its run cache.
@@ -291,7 +301,7 @@ def repro(root: Path, stage: str, emit: Emit) -> StageRun:
     tail: collections.deque[str] = collections.deque(maxlen=200)
     ran = restored = False
     with subprocess.Popen(
-        dvc_command("repro", "--single-item", stage),
+        dvc_command("repro", "--single-item", *(["-f"] if force else []), stage),
         cwd=root,
         env=subprocess_env(),
         stdin=subprocess.DEVNULL,

@@ -31,6 +31,7 @@ from flows.freshness import (
     stage_paths,
     stale_sources,
 )
+from flows.stages import read_pipeline, repro
 from tasks.fetch import MANIFEST_NAME, HashIndex, fetch, parse_manifest
 from tasks.params import Params, parse_params
 from tests.conftest import SHRUNK, deep_update, make_project, run
@@ -384,7 +385,13 @@ def test_new_bytes_behind_a_source_folder_are_refetched(tmp_path: Path) -> None:
     assert found.stage == "fetch"
     assert "1 file changed, 0 added, 0 removed" in found.reason and "cat/3.png" in found.reason
 
-    run(["dvc", "repro", "-f", "--single-item", "fetch"], project)
+    # What `tlp run` / `tlp status` see: fetch forced, with the reason.
+    plan = {stage.name: stage for stage in read_pipeline(project).stages}
+    assert plan["fetch"].stale and plan["fetch"].force and "cat/3.png" in plan["fetch"].reason
+    assert not plan["prepare"].force
+    lines: list[str] = []
+    result = repro(project, "fetch", emit=lambda _level, line: lines.append(line), force=True)
+    assert result.ran, lines
     assert "prepare" in prepare_status()  # data/raw changed: DVC takes it from here
     run(["dvc", "repro", "prepare"], project)
     manifest = pd.read_parquet(project / "data" / "prepared" / "manifest.parquet")
@@ -392,6 +399,7 @@ def test_new_bytes_behind_a_source_folder_are_refetched(tmp_path: Path) -> None:
     assert row["sha256"].tolist() == [sha256(new_bytes)]
     assert sha256(old_bytes) not in set(manifest["sha256"])
     assert stale() == [] and prepare_status() == {}
+    assert not any(stage.force for stage in read_pipeline(project).stages)
 
 
 # Two different weights files for the same architecture, then the backbone stage's own core
