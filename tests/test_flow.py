@@ -25,7 +25,7 @@ from flows.stages import (
     classify_failure,
     describe_status,
 )
-from tests.conftest import run
+from tests.conftest import run, set_params
 from tests.prefect_server import (
     STAGES,
     experiments,
@@ -437,3 +437,37 @@ def test_parity_table_checks_the_export_gates():
         {"metric": "accuracy", "value": 0.5},
         {"metric": "top_k", "value": 3},
     ]
+
+
+@pytest.mark.slow
+def test_two_tlp_runs_and_a_dvc_repro_started_together_leave_one_writer(pipeline, tmp_path):
+    """Three writers at once: the locks let one write; the others wait or fail at once."""
+    server, project = pipeline.server, pipeline.project
+    set_params(project, {"train": {"epochs": 1}})  # give every runner real work to do
+    env = {"PREFECT_API_URL": server.api, "PREFECT_HOME": str(project / ".tlp" / "prefect")}
+    commands = {
+        "tlp-a": [sys.executable, "-m", "flows.cli", "run", "--no-save-experiment"],
+        "tlp-b": [sys.executable, "-m", "flows.cli", "run", "--no-save-experiment"],
+        "dvc": ["dvc", "repro"],
+    }
+    logs = {name: tmp_path / f"{name}.log" for name in commands}
+    started = time.monotonic()
+    processes = {name: spawn(cmd, project, logs[name], env=env) for name, cmd in commands.items()}
+    finished: dict[str, float] = {}
+    for name, process in processes.items():
+        process.wait(timeout=900)
+        finished[name] = time.monotonic() - started
+    outputs = {name: logs[name].read_text() for name in commands}
+    codes = {name: process.returncode for name, process in processes.items()}
+
+    busy = ("is held by another DVC process", "Unable to acquire lock", "this workspace is busy")
+    winners = [name for name, code in codes.items() if code == 0]
+    assert winners, outputs
+    for name, code in codes.items():
+        if code != 0:  # a loser says why, naming the lock, and gave up without waiting it out
+            assert any(word in outputs[name] for word in busy), outputs[name][-3000:]
+    tlp_writers = [n for n in ("tlp-a", "tlp-b") if "train: running" in outputs[n]]
+    assert len(tlp_writers) <= 1, outputs  # the workspace lock: never two tlp writers
+    assert_reproducible(project)  # outputs and dvc.lock agree, whoever wrote them
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
