@@ -7,10 +7,14 @@ end check the pieces the flow's reports are made of.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -58,6 +62,21 @@ def output_times(project) -> dict[str, float]:
         for path in [project / name, *(project / name).rglob("*")]
         if path.exists()
     }
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc (deepest last)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
 
 
 def assert_reproducible(project) -> None:
@@ -471,3 +490,44 @@ def test_two_tlp_runs_and_a_dvc_repro_started_together_leave_one_writer(pipeline
     assert_reproducible(project)  # outputs and dvc.lock agree, whoever wrote them
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_killed_flow_run_leaves_dvc_lock_untouched_and_the_next_run_completes(pipeline, tmp_path):
+    """SIGKILL a `tlp run` (its whole process group) while the train stage runs."""
+    server, project = pipeline.server, pipeline.project
+    env = {"PREFECT_API_URL": server.api, "PREFECT_HOME": str(project / ".tlp" / "prefect")}
+    assert_reproducible(project)
+    lock_before = (project / "dvc.lock").read_bytes()
+    log = tmp_path / "killed.log"
+    cmd = [sys.executable, "-m", "flows.cli", "run", "-S", "train.epochs=4", "--no-save-experiment"]
+    # Orphans of the killed flow become our children, so we can reap them: an unreaped
+    # zombie keeps its PID, and DVC would take its stale rwlock entry for a live writer.
+    ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    process = spawn(cmd, project, log, env=env)
+    try:
+        wait_for(lambda: "Epoch 1/4" in log.read_text(), 600, "the train stage to start")
+    finally:
+        # As when the machine dies: SIGKILL the flow and everything under it (DVC runs in
+        # its own process group, so kill each descendant, not only tlp's group).
+        killed = descendants(process.pid)
+        for pid in [*killed, process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait(timeout=60)
+        for pid in killed:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+    assert (project / "dvc.lock").read_bytes() == lock_before  # nothing half-recorded
+    status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    assert "train" in status  # DVC knows train must run again (params.yaml kept the override)
+    assert not (project / "models" / "model.keras").exists() or "train" in status
+
+    result = tlp(project, "run", "--no-save-experiment", api=server.api)  # the lock was released
+    run_id = flow_run_id(result.stdout)
+    states = outcomes(pipeline, run_id)
+    assert states["train"] == "Completed" and states["fetch"] == "Cached", states
+    assert_reproducible(project)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 4
