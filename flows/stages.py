@@ -387,8 +387,18 @@ def restore_outputs(root: Path, stage: str, emit: Emit) -> None:
     the previous, complete outputs back from the DVC cache. Best effort: a stage that never
     succeeded has nothing to restore.
     """
-    result = subprocess.run(
-        dvc_command("checkout", "--force", stage),
+    result = _dvc_quietly(root, "checkout", "--force", stage)
+    if result.returncode == 0:
+        emit(logging.INFO, f"restored the previous outputs of {stage} from the DVC cache")
+    else:
+        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        emit(logging.WARNING, f"could not restore the outputs of {stage}: {last[0]}")
+
+
+def _dvc_quietly(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run a short DVC command, capturing its output; the caller reads the exit code."""
+    return subprocess.run(
+        dvc_command(*args),
         cwd=root,
         env=subprocess_env(),
         stdin=subprocess.DEVNULL,
@@ -396,11 +406,6 @@ def restore_outputs(root: Path, stage: str, emit: Emit) -> None:
         text=True,
         check=False,
     )
-    if result.returncode == 0:
-        emit(logging.INFO, f"restored the previous outputs of {stage} from the DVC cache")
-    else:
-        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        emit(logging.WARNING, f"could not restore the outputs of {stage}: {last[0]}")
 
 
 def save_experiment(root: Path, name: str | None, include: list[str]) -> str:
@@ -422,15 +427,7 @@ def save_experiment(root: Path, name: str | None, include: list[str]) -> str:
     attempts = [["-n", name], []] if name and re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) else [[]]
     error = ""
     for naming in attempts:
-        result = subprocess.run(
-            dvc_command("exp", "save", *naming, *include_args),
-            cwd=root,
-            env=subprocess_env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        result = _dvc_quietly(root, "exp", "save", *naming, *include_args)
         if result.returncode == 0:
             saved = re.search(r"saved as: (\S+)", result.stdout + result.stderr)
             return saved.group(1) if saved else (name or "?")
