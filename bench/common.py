@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -158,6 +159,30 @@ def env_with_venv(extra: dict[str, str] | None = None, cwd: Path | None = None) 
     return env
 
 
+# Runs the measured command as its own child and reports that child's wall time and
+# ``ru_maxrss``. Needed because a forked child inherits its parent's resident pages until it
+# execs, and the kernel's high-water mark keeps them: measured from this (large) driver,
+# every small command would seem to peak at the driver's size. This launcher, started with
+# ``-I -S``, holds a few MiB at the fork.
+_LAUNCHER = """
+import json, os, sys, time
+report, command = sys.argv[1], sys.argv[2:]
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(command[0], command)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+seconds = time.perf_counter() - started
+with open(report, "w") as handle:
+    json.dump({"seconds": seconds, "maxrss_kib": usage.ru_maxrss}, handle)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run_process(
     cmd: Sequence[str | Path],
     cwd: Path = ROOT,
@@ -168,21 +193,29 @@ def run_process(
 ) -> ProcessRun:
     """Run a command to completion; measure its wall time and peak resident memory.
 
-    ``peak_rss_bytes`` is the kernel's high-water mark (``wait4``'s ``ru_maxrss``) for the
-    process and the children it waited for: the largest single process. With
-    ``sample_tree`` the summed RSS of the whole process tree is also sampled every 0.1 s
-    (``psutil``), which is what a pipeline of several processes really holds at once.
+    ``seconds`` and ``peak_rss_bytes`` come from a tiny launcher process that forks and
+    execs the command (see ``_LAUNCHER``): the wall time from fork to exit, and the kernel's
+    high-water mark (``wait4``'s ``ru_maxrss``) of the command and the children it waited
+    for, i.e. its largest single process. With ``sample_tree`` the summed RSS of the whole
+    process tree is also sampled every 0.1 s (``psutil``): what a pipeline of several
+    processes really holds at once.
     """
     import tempfile
 
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        started = time.perf_counter()
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        report = Path(scratch) / "usage.json"
+        launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(report)]
         process = subprocess.Popen(
-            [str(c) for c in cmd],
+            [*launcher, *(str(c) for c in cmd)],
             cwd=cwd,
             env=env or env_with_venv(cwd=cwd),
             stdout=out,
             stderr=err,
+            start_new_session=True,  # so a timeout can stop the command with its launcher
         )
         tree_peak = [0]
         stop = threading.Event()
@@ -192,26 +225,22 @@ def run_process(
                 target=_sample_tree, args=(process.pid, tree_peak, stop), daemon=True
             )
             sampler.start()
-        deadline = started + timeout
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                process.kill()
-                pid, status, usage = os.wait4(process.pid, 0)
-                break
-            time.sleep(0.02)
-        seconds = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         stop.set()
         if sampler is not None:
             sampler.join()
+        usage = (
+            json.loads(report.read_text()) if report.exists() else {"seconds": 0.0, "maxrss_kib": 0}
+        )
         out.seek(0)
         err.seek(0)
         return ProcessRun(
-            seconds,
-            usage.ru_maxrss * 1024,
+            usage["seconds"],
+            usage["maxrss_kib"] * 1024,
             tree_peak[0],
             process.returncode,
             out.read(),
