@@ -117,25 +117,82 @@ def _fmt(value, unit: str) -> str:
     return f"{value:g} {unit}".strip()
 
 
+def _s(value) -> str:
+    return f"{value:.2f} s" if isinstance(value, int | float) else "?"
+
+
+# One line of context per figure, from its details (older entries may lack some keys).
+NOTES = {
+    "head_epoch_speedup": lambda d: (
+        f"naive epoch {_s(d.get('naive_epoch_s'))}, cached head "
+        f"epoch {_s(d.get('cached_epoch_s'))} ({d.get('images', {}).get('train')} train images)"
+    ),
+    "head_total_speedup": lambda d: (
+        f"naive 10 epochs {_s(d.get('naive_total_s'))} "
+        f"(extrapolated from 3), cached {_s(d.get('cached_total_s'))} incl. extraction "
+        f"{_s(d.get('cached_extraction_s'))}"
+    ),
+    "prepare_speedup": lambda d: (
+        f"{d.get('images_per_s', {}).get('stage')} vs "
+        f"{d.get('images_per_s', {}).get('naive')} images/s (whole processes); at 32x32: "
+        f"{d.get('speedup_at_32x32')}x"
+    ),
+    "prepare_memory_ratio": lambda d: (
+        f"peak {d.get('peak_rss_mib', {}).get('stage')} vs "
+        f"{d.get('peak_rss_mib', {}).get('naive')} MiB; with shard_size 256: "
+        f"{d.get('memory_ratio_with_shard_size_256')}"
+    ),
+    "predict_cold_start_s": lambda d: (
+        f"{d.get('command')}; python -m tasks.predict {_s(d.get('median_s', {}).get('module'))}"
+    ),
+    "predict_cold_start_speedup": lambda d: (
+        f"Keras {_s(d.get('keras_median_s'))} vs {_s(d.get('tlp_median_s'))}"
+    ),
+    "extract_peak_fraction": lambda d: (
+        f"{d.get('extract_gflop_s')} of "
+        f"{d.get('peak_gflop_s')} GFLOP/s; without op determinism: "
+        f"{d.get('without_op_determinism_fraction')}"
+    ),
+    "noop_rerun_ratio": lambda d: (
+        f"tlp run {_s(d.get('tlp_run_server_s'))} vs dvc repro {_s(d.get('dvc_repro_s'))}"
+    ),
+    "noop_rerun_ratio_embedded": lambda d: (
+        f"tlp run {_s(d.get('tlp_run_embedded_s'))} (temporary Prefect server started in the run)"
+    ),
+    "fashion_mnist_e2e": lambda d: (
+        f"{d.get('images')} images, {d.get('epochs_run')} epochs, "
+        f"test accuracy {d.get('test_accuracy')}"
+    ),
+    "fashion_mnist_e2e_peak_memory": lambda d: (
+        f"largest single process {d.get('peak_single_process_rss_gib')} GiB"
+    ),
+}
+
+
 def table(document: dict) -> str:
-    """The Markdown results table and machine line for ``bench/README.md``."""
+    """The Markdown results table, with the machine it was measured on."""
     machine = document["machine"]
     lines = [
-        f"Measured {machine['date']} on {machine['cpu']} ({machine['simd']}), "
-        f"{machine['cores']} cores, {machine['ram_gib']} GiB RAM; load average at start "
-        f"{', '.join(map(str, machine['load_average']))} (other work was running: see the "
-        "per-benchmark load in results.json).",
+        f"Machine: {machine['cpu']} ({machine['simd']}), {machine['cores']} cores, "
+        f"{machine['ram_gib']} GiB RAM; Python {machine['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+        + ". The machine is shared: *load* is the 1-minute load average at the start and end "
+        "of each benchmark (2 cores: above 2, something else was competing).",
         "",
-        "| benchmark | value | goal | met | notes |",
-        "|---|---|---|---|---|",
+        "| benchmark | value | goal | met | measured, load | notes |",
+        "|---|---|---|---|---|---|",
     ]
     for entry in document["results"]:
+        details = entry.get("details", {})
         met = "—" if entry.get("met") is None else ("yes" if entry["met"] else "**no**")
-        note = entry.get("skipped") or entry.get("details", {}).get("summary", "")
+        note = entry.get("skipped") or NOTES.get(entry["name"], lambda d: "")(details)
+        load = details.get("load_average")
+        when = entry.get("measured", "")
+        if load:
+            when += f", {load[0]}→{load[1]}"
         goal = entry["goal"] or "—"
-        lines.append(
-            f"| `{entry['name']}` | {_fmt(entry['value'], entry['unit'])} | {goal} | {met} | {note} |"
-        )
+        value = _fmt(entry["value"], entry["unit"])
+        lines.append(f"| `{entry['name']}` | {value} | {goal} | {met} | {when} | {note} |")
     return "\n".join(lines)
 
 

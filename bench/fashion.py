@@ -88,6 +88,7 @@ def epoch_profile(work: Path, project: Path, train: dict, epochs: int = 3) -> di
         "epochs": epochs_seen,
         "max_idle_between_epochs_s": max(e["idle_after_s"] for e in epochs_seen),
         "max_iterator_startup_s": max(e["iterator_startup_s"] for e in epochs_seen),
+        "max_before_validation_s": max(e["before_validation_s"] for e in epochs_seen),
     }
 
 

@@ -99,6 +99,7 @@ def run(work: Path, quick: bool) -> list[Result]:
         for key in (
             "iterator_startup_s",
             "train_steps_s",
+            "before_validation_s",
             "validation_s",
             "callbacks_s",
             "idle_after_s",

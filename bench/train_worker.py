@@ -82,7 +82,10 @@ def timing_every_fit(timers: list) -> Iterator[None]:
 
 
 def epoch_phases(timer, origin: float) -> list[dict[str, float]]:
-    """Per-epoch durations (s): total (begin to next begin), and its phases."""
+    """Per-epoch durations (s): total (begin to next begin, or to the end of ``fit``) and
+    its phases: iterator start-up (epoch begin to first batch), training steps, the gap
+    before validation (where Keras makes the validation iterator), validation, the stage's
+    end-of-epoch callbacks, and idle time after the epoch."""
     rows = []
     for index, epoch in enumerate(timer.epochs):
         following = (
@@ -97,6 +100,7 @@ def epoch_phases(timer, origin: float) -> list[dict[str, float]]:
                 "total_s": round(following - epoch["begin"], 3),
                 "iterator_startup_s": round(first - epoch["begin"], 3),
                 "train_steps_s": round(last - first, 3),
+                "before_validation_s": round(test_begin - last, 3),
                 "validation_s": round(test_end - test_begin, 3),
                 "callbacks_s": round(epoch["end"] - test_end, 3),
                 "idle_after_s": round(following - epoch["end"], 3),
