@@ -2,7 +2,7 @@
 
 Everything the model needs travels inside ``models/model.onnx`` (see :mod:`tasks.export`):
 the class names, the image size and the preprocessing (inside the graph, which takes RGB
-float32 pixels in 0..255, NHWC). Images are decoded by :func:`tasks.prepare.decode`, the
+float32 pixels in 0..255, NHWC). Images are decoded by :func:`tasks.imaging.decode`, the
 function that built the training shards (EXIF orientation applied, any mode converted to
 RGB, resized bilinearly to the model's image size), so an image gets the same pixels here
 as in ``evaluate``. Only ONNX Runtime runs the model: TensorFlow, whose import alone takes
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-# tasks.prepare also imports pandas and pydantic (~0.7 s of the start-up); see bench/README.md.
-from tasks.prepare import IMAGE_SUFFIXES, Item, decode
+# tasks.imaging, not tasks.prepare: that one imports pandas and pydantic (~0.5 s of start-up).
+from tasks.imaging import IMAGE_SUFFIXES, Item, decode
 
 DEFAULT_MODEL = Path("models/model.onnx")
 OTHER_LABEL = "other"
@@ -45,7 +45,7 @@ class PredictError(ValueError):
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """The three ``PrepareParams`` fields that :func:`tasks.prepare.decode` reads.
+    """The three ``PrepareParams`` fields that :func:`tasks.imaging.decode` reads.
 
     The limits are the prepare stage's defaults, and a test checks that they still are
     (building a ``PrepareParams`` would import pydantic and slow every start).

@@ -20,51 +20,25 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import io
 import os
 import struct
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from tasks.common import StageError, atomic_path, log, progress, read_json, run_stage, write_json
+from tasks.imaging import Item, decode
 from tasks.params import PrepareParams, load_params
 
 SPLITS = ("train", "val", "test")
 _LOGGED_REJECTS = 100
 SPLIT_DIR_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-@dataclass
-class Item:
-    """One source image: where it is and which class folder it came from."""
-
-    path: str
-    label: str
-    file: Path | None = None  # where to read it; None for IDX images
-    data: bytes | None = None  # IDX images arrive as raw pixels, not files
-    shape: tuple[int, int] | None = None
-    reason: str = ""  # set when the file is unusable wherever it is (e.g. outside any class)
-
-
-@dataclass
-class Decoded:
-    """A decoded image, or why it was rejected."""
-
-    item: Item
-    pixels: np.ndarray | None = None
-    sha256: str = ""
-    width: int = 0
-    height: int = 0
-    reason: str = ""
 
 
 @dataclass
@@ -182,79 +156,6 @@ def iter_idx(folder: Path) -> tuple[list[str], list[Item]]:
                 )
             )
     return list(classes), items
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode → 8-bit RGB (16-bit scaled, alpha composited on white)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        array = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
-        image = Image.fromarray(array, "L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
-def decode(item: Item, params: PrepareParams) -> Decoded:
-    """Decode, validate and resize one image to ``params.image_size`` RGB uint8.
-
-    Never raises for bad data: the reason lands in ``Decoded.reason``.
-    """
-    if item.reason:
-        return Decoded(item, reason=item.reason)
-    height, width = params.image_size
-    if item.data is not None:  # IDX: raw grayscale pixels
-        digest = sha256(item.data).hexdigest()
-        array = np.frombuffer(item.data, np.uint8).reshape(item.shape)
-        image = Image.fromarray(array, "L").convert("RGB")
-        out = image.resize((width, height), Image.Resampling.BILINEAR)
-        return Decoded(item, np.asarray(out), digest, item.shape[1], item.shape[0])
-    try:
-        data = item.file.read_bytes()
-    except OSError as exc:
-        return Decoded(item, reason=f"unreadable: {exc.strerror or exc}")
-    digest = sha256(data).hexdigest()
-    if not data:
-        return Decoded(item, sha256=digest, reason="empty file (0 bytes)")
-    try:
-        # The header gives the size without decoding: refuse huge and tiny images before any
-        # pixel memory is allocated (PIL's own bomb check, set in `prepare`, backs this up).
-        image = Image.open(io.BytesIO(data))
-        w, h = image.size
-        if w * h > params.max_pixels:
-            return Decoded(item, sha256=digest, width=w, height=h,
-                           reason=f"too large: {w}x{h} exceeds prepare.max_pixels={params.max_pixels}")  # fmt: skip
-        if min(w, h) < params.min_side:
-            return Decoded(item, sha256=digest, width=w, height=h,
-                           reason=f"too small: {w}x{h} is under prepare.min_side={params.min_side}")  # fmt: skip
-        if image.format == "JPEG":  # decode at reduced size: far faster for big photos
-            image.draft("RGB", (width * 2, height * 2))
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        image = _to_rgb(image)
-        image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    except UnidentifiedImageError:
-        return Decoded(item, sha256=digest, reason="not an image (unknown format)")
-    except Image.DecompressionBombError as exc:
-        return Decoded(
-            item, sha256=digest,
-            reason=f"too large: over prepare.max_pixels={params.max_pixels} ({exc})",
-        )  # fmt: skip
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        return Decoded(item, sha256=digest, reason=f"corrupt or truncated image: {exc}")
-    except Exception as exc:
-        # Decoders of malformed files raise whatever they hit (struct.error, IndexError,
-        # ZeroDivisionError...). The file is rejected with the reason, never skipped silently.
-        return Decoded(item, sha256=digest, reason=f"corrupt image ({type(exc).__name__}: {exc})")
-    return Decoded(item, np.asarray(image, dtype=np.uint8), digest, w, h)
 
 
 # ---------------------------------------------------------------- splitting

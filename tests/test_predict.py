@@ -317,13 +317,16 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path, kind, capsy
     assert "refusing to load" in err and "outside the model's folder" in err and "'weights'" in err
 
 
-def test_predict_never_imports_tensorflow(tmp_path, model_file):
+def test_tlp_predict_imports_no_heavy_library(tmp_path, model_file):
+    """`tlp predict` starts fast: no TensorFlow, and none of the stages' pandas/pydantic."""
     image = solid(tmp_path / "r.png", (255, 0, 0))
     code = (
         "import sys\n"
-        "from tasks.predict import main\n"
-        f"code = main(['--model', {str(model_file)!r}, '--json', {str(image)!r}])\n"
-        "heavy = sorted(m for m in ('tensorflow', 'keras', 'tf2onnx') if m in sys.modules)\n"
+        "from flows.cli import main\n"
+        f"code = main(['predict', '--model', {str(model_file)!r}, '--json', {str(image)!r}])\n"
+        "names = ('tensorflow', 'keras', 'tf2onnx', 'pandas', 'pyarrow', 'pydantic', 'prefect',"
+        " 'dvc', 'tasks.prepare', 'tasks.params')\n"
+        "heavy = sorted(m for m in names if m in sys.modules)\n"
         "print('HEAVY', heavy, code)\n"
     )
     result = run([sys.executable, "-c", code], ROOT)
