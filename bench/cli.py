@@ -139,8 +139,8 @@ NOTES = {
     ),
     "prepare_memory_ratio": lambda d: (
         f"peak {d.get('peak_rss_mib', {}).get('stage')} vs "
-        f"{d.get('peak_rss_mib', {}).get('naive')} MiB; with shard_size 256: "
-        f"{d.get('memory_ratio_with_shard_size_256')}"
+        f"{d.get('peak_rss_mib', {}).get('naive')} MiB (naive array alone: "
+        f"{d.get('naive_array_mib')} MiB)"
     ),
     "predict_cold_start_s": lambda d: (
         f"{d.get('command')}; python -m tasks.predict {_s(d.get('median_s', {}).get('module'))}"

@@ -9,7 +9,7 @@ pays). Peak memory is the kernel's high-water mark for that process (``wait4``'s
 * ``prepare_memory_ratio`` = stage peak RSS / naive peak RSS, with the stage's default
   ``prepare.shard_size``.
 
-The details add the stage with ``shard_size: 256`` and both sides at 32x32 (``params.yaml``'s
+The details add both sides at 32x32 (``params.yaml``'s
 default size, where the stage decodes JPEGs at reduced size: ``Image.draft``).
 """
 
@@ -84,9 +84,6 @@ def run(work: Path, quick: bool) -> list[Result]:
     variants: dict[str, Callable[[], ProcessRun]] = {
         "naive": lambda: _naive(raw, TARGET),
         "stage": lambda: _stage(raw, work / "out", _params_file(work, TARGET), count),
-        "stage_shard256": lambda: _stage(
-            raw, work / "out", _params_file(work, TARGET, shard_size=256), count
-        ),
         "naive_32": lambda: _naive(raw, SMALL_TARGET),
         "stage_32": lambda: _stage(raw, work / "out", _params_file(work, SMALL_TARGET), count),
     }
@@ -115,7 +112,6 @@ def run(work: Path, quick: bool) -> list[Result]:
         "naive_array_mib": round(count * TARGET[0] * TARGET[1] * 3 * 8 / 2**20),
         "speedup_at_32x32": round(seconds["naive_32"] / seconds["stage_32"], 2),
         "memory_ratio_at_32x32": round(peak["stage_32"] / peak["naive_32"], 3),
-        "memory_ratio_with_shard_size_256": round(peak["stage_shard256"] / peak["naive"], 3),
         "load_average": [load_before, load_after],
     }
     return [

@@ -2,7 +2,7 @@
 
 One function, :func:`decode`, turns an image file (or raw IDX pixels) into the RGB uint8
 array a model sees: EXIF orientation applied, any mode converted to RGB, resized
-bilinearly. ``prepare`` and ``predict`` both call it, so an image gets the same pixels in
+by :func:`resize`. ``prepare`` and ``predict`` both call it, so an image gets the same pixels in
 training, ``evaluate`` and ``tlp predict``.
 
 This module imports only NumPy and Pillow: ``tlp predict`` starts in well under a second
@@ -68,7 +68,21 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to ``size`` (width, height): area average when shrinking, else bilinear.
+
+    Shrinking on both sides averages every source pixel into its output pixel (Pillow's
+    BOX filter, like OpenCV's INTER_AREA): no aliasing, and about twice as fast as
+    Pillow's antialiased bilinear filter. Enlarging (small images such as MNIST's 28x28
+    to 32x32), or shrinking one side only, interpolates bilinearly.
+    """
+    if image.size == size:
+        return image
+    shrinking = image.width >= size[0] and image.height >= size[1]
+    return image.resize(size, Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)
 
 
 def decode(item: Item, params: DecodeLimits) -> Decoded:
@@ -82,9 +96,8 @@ def decode(item: Item, params: DecodeLimits) -> Decoded:
     if item.data is not None:  # IDX: raw grayscale pixels
         digest = sha256(item.data).hexdigest()
         array = np.frombuffer(item.data, np.uint8).reshape(item.shape)
-        image = Image.fromarray(array, "L").convert("RGB")
-        out = image.resize((width, height), Image.Resampling.BILINEAR)
-        return Decoded(item, np.asarray(out), digest, item.shape[1], item.shape[0])
+        image = resize(Image.fromarray(array, "L").convert("RGB"), (width, height))
+        return Decoded(item, np.asarray(image), digest, item.shape[1], item.shape[0])
     try:
         data = item.file.read_bytes()
     except OSError as exc:
@@ -106,9 +119,9 @@ def decode(item: Item, params: DecodeLimits) -> Decoded:
         if image.format == "JPEG":  # decode at reduced size: far faster for big photos
             image.draft("RGB", (width * 2, height * 2))
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: a copy costs ~0.8 ms
         image = _to_rgb(image)
-        image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        image = resize(image, (width, height))
     except UnidentifiedImageError:
         return Decoded(item, sha256=digest, reason="not an image (unknown format)")
     except Image.DecompressionBombError as exc:

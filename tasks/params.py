@@ -96,7 +96,7 @@ class PrepareParams(_Section):
     shard_size: int = Field(2048, ge=1)
     min_side: int = Field(8, ge=1)
     max_pixels: int = Field(100_000_000, ge=1)
-    workers: int = Field(0, ge=0, description="decode threads; 0 = number of CPUs")
+    workers: int = Field(0, ge=0, description="decode threads; 0 = number of CPUs + 1")
 
     @field_validator("image_size")
     @classmethod

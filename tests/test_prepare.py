@@ -24,6 +24,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tasks import imaging
 from tasks.common import StageError
 from tasks.dataset import Prepared
 from tasks.params import PrepareParams, read_yaml
@@ -185,6 +186,41 @@ def test_exif_rotation_is_applied(tmp_path):
     top, bottom = result.pixels[:6].mean(axis=(0, 1)), result.pixels[-6:].mean(axis=(0, 1))
     assert top[0] > 200 and top[2] < 50  # the red half is on top once rotated
     assert bottom[2] > 200 and bottom[0] < 50
+
+
+def test_resize_averages_areas_when_shrinking_and_interpolates_when_enlarging():
+    # Columns alternate black/white: averaging pairs of them gives an even grey, with no
+    # aliasing; a bilinear sample of the same columns would not be uniform.
+    stripes = np.zeros((8, 8, 3), np.uint8)
+    stripes[:, 1::2] = 255
+    shrunk = np.asarray(imaging.resize(Image.fromarray(stripes), (4, 4)))
+    assert shrunk.min() == shrunk.max() == 128 or shrunk.min() == shrunk.max() == 127
+    small = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20).convert("RGB")
+    enlarged = imaging.resize(small, (8, 6))
+    assert np.array_equal(
+        np.asarray(enlarged), np.asarray(small.resize((8, 6), Image.Resampling.BILINEAR))
+    )
+    assert imaging.resize(small, (4, 3)) is small  # already the size: no copy
+
+
+def test_decoding_runs_ahead_by_a_bounded_window(monkeypatch):
+    """However long the dataset, at most ``4 * workers`` decoded images wait to be written."""
+    from tasks import prepare as stage
+
+    started = []
+
+    def counting_decode(item, _params):
+        started.append(item.path)
+        return imaging.Decoded(item, reason="skipped")
+
+    monkeypatch.setattr(stage, "decode", counting_decode)
+    items = [Item(f"{i}.png", "a") for i in range(500)]
+    seen = 0
+    for index, result in enumerate(stage._decoded_in_order(items, params(), workers=2)):
+        assert result.item is items[index]  # in order
+        assert len(started) <= index + 1 + 4 * 2
+        seen += 1
+    assert seen == 500 and len(started) == 500
 
 
 @pytest.mark.parametrize(
@@ -375,13 +411,15 @@ def test_idx_files_are_read_as_images(tmp_path):
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     first = manifest[manifest["path"] == "idx/train-images-idx3-ubyte.gz#0"].iloc[0]
     stored = np.load(tmp_path / "out" / "shards" / first["shard"])[first["offset"]]
-    expected = np.asarray(Image.fromarray(images[0]).convert("RGB").resize(SIZE, Image.BILINEAR))
+    # 28x28 shrunk to 16x16: area average (Pillow's BOX), as for every image that shrinks
+    expected = np.asarray(Image.fromarray(images[0]).convert("RGB").resize(SIZE, Image.BOX))
     assert np.array_equal(stored, expected) and first["label"] == "zero"
 
 
 @pytest.mark.slow
-def test_peak_memory_is_bounded_by_the_shard_not_the_dataset(tmp_path):
-    """Pixels are held a shard at a time: more images add only their manifest rows."""
+def test_peak_memory_is_bounded_by_the_decode_window_not_the_dataset(tmp_path):
+    """Pixels stream to the shard files: more images add only their manifest rows, even
+    when one shard would hold the whole dataset."""
     pixel_bytes = 64 * 64 * 3
 
     def peak_bytes(n_per_class: int, name: str) -> int:
@@ -389,7 +427,7 @@ def test_peak_memory_is_bounded_by_the_shard_not_the_dataset(tmp_path):
         write_classes(raw, {"a": n_per_class, "b": n_per_class}, start=n_per_class)
         tracemalloc.start()
         try:
-            prepare(params(image_size=(64, 64), shard_size=64), raw, tmp_path / f"{name}-out")
+            prepare(params(image_size=(64, 64), shard_size=4096), raw, tmp_path / f"{name}-out")
             return tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
