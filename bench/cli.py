@@ -149,9 +149,9 @@ NOTES = {
         f"Keras {_s(d.get('keras_median_s'))} vs {_s(d.get('tlp_median_s'))}"
     ),
     "extract_peak_fraction": lambda d: (
-        f"{d.get('extract_gflop_s')} of "
-        f"{d.get('peak_gflop_s')} GFLOP/s; without op determinism: "
-        f"{d.get('without_op_determinism_fraction')}"
+        f"{d.get('extract_gflop_s')} of {d.get('peak_gflop_s')} GFLOP/s on "
+        f"{d.get('engine')}; with the one-off conversion ({d.get('conversion_s')} s): "
+        f"{d.get('fraction_with_conversion')}; Keras engine: {d.get('keras_engine_fraction')}"
     ),
     "noop_rerun_ratio": lambda d: (
         f"tlp run {_s(d.get('tlp_run_server_s'))} vs dvc repro {_s(d.get('dvc_repro_s'))}"

@@ -3,16 +3,17 @@
 In a worker process, alternately: a large float32 matmul (the machine's practical FMA
 peak, the best of TensorFlow and NumPy/OpenBLAS), then the project's own feature
 extraction of VGG16 at 224x224: ``tasks.train.cached_features`` into an empty folder
-(train and val splits; whatever engine, batching and conversion the stage uses), after
+(train and val splits, the stage's default engine and batch), after
 ``tasks.common.set_determinism`` as ``train`` calls it. VGG16's FLOPs are counted from its
 convolution layers (2 x K x K x C_in x C_out x H_out x W_out each; pooling and ReLU are
 negligible).
 
-* ``extract_peak_fraction`` = median extraction FLOP/s / median matmul FLOP/s.
+* ``extract_peak_fraction`` = median extraction FLOP/s / median matmul FLOP/s, where the
+  extraction time is the whole ``cached_features`` call less the one-off tf2onnx
+  conversion of the backbone (timed separately; it does not grow with the data).
 
-The details add the Keras steady-state fraction (batches after the first, without
-tracing; only when the stage extracts with Keras) and one extraction without op
-determinism (a second worker: determinism cannot be switched off once on).
+The details add the fraction with the conversion counted, and the same extraction on the
+Keras engine (``train.feature_engine: keras``, one run in a second worker).
 """
 
 from __future__ import annotations
@@ -74,85 +75,83 @@ def matmul_rates(repeats: int = 3) -> dict[str, float]:
     return rates
 
 
-def worker(prepared_root: Path, repeats: int, determinism: bool) -> dict:
+def worker(prepared_root: Path, repeats: int, engine: str) -> dict:
     """Alternate matmul and extraction ``repeats`` times; return the raw figures."""
-    import keras
-
+    import tasks.export
     from tasks.backbone import build_backbone
     from tasks.common import set_determinism
     from tasks.dataset import Prepared
     from tasks.params import BackboneParams
     from tasks.train import cached_features
 
-    if determinism:
-        set_determinism(42)
-    else:
-        keras.utils.set_random_seed(42)
+    set_determinism(42)
     prepared = Prepared.open(prepared_root)
     backbone, _ = build_backbone(BackboneParams(arch="vgg16", weights="none"), IMAGE_SIZE)
     flops = conv_flops(backbone)
     images = prepared.count("train") + prepared.count("val")
     scratch = Path(tempfile.mkdtemp(prefix="peak-features-"))
+    conversions: list[float] = []
+    original = tasks.export.keras_to_onnx
+
+    def timed_conversion(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            conversions.append(time.perf_counter() - started)
+
+    tasks.export.keras_to_onnx = timed_conversion
     rows = []
     for _ in range(repeats):
         peak = matmul_rates()
-        batch_times: list[tuple[int, float]] = []  # (rows, seconds) of each Keras call
-        original = keras.Model.predict_on_batch
-
-        def timed_batch(self, x, _times=batch_times, _original=original):
-            started = time.perf_counter()
-            result = _original(self, x)
-            _times.append((len(x), time.perf_counter() - started))
-            return result
-
-        keras.Model.predict_on_batch = timed_batch
+        conversions.clear()
         started = time.perf_counter()
-        features = cached_features(scratch / "features", "bench", backbone, prepared, "avg", 64)
-        shutil.rmtree(scratch / "features")
+        features = cached_features(scratch / "features", "bench", backbone, prepared, "avg", engine)
         seconds = time.perf_counter() - started
-        keras.Model.predict_on_batch = original
-        # Full Keras batches after the first call (no tracing); none when the stage used
-        # ONNX Runtime. A short batch may have been traced anew, so it is left out too.
-        full = [seconds for rows, seconds in batch_times[1:] if rows == 64]
-        steady = 64 * len(full) / sum(full) if full else None
+        shutil.rmtree(scratch / "features")
+        converting = sum(conversions)
         rows.append(
             {
                 "matmul_flops": peak,
-                "extract_s": seconds,
-                "extract_images_per_s": images / seconds,
-                "steady_images_per_s": steady,
+                "total_s": seconds,
+                "conversion_s": converting,
+                "extract_s": seconds - converting,
+                "extract_images_per_s": images / (seconds - converting),
+                "total_images_per_s": images / seconds,
                 "features": {split: list(array.shape) for split, array in features.items()},
             }
         )
-    return {"flops_per_image": flops, "images": images, "rows": rows}
+    return {"flops_per_image": flops, "images": images, "engine": engine, "rows": rows}
 
 
-def _run_worker(prepared: Path, repeats: int, determinism: bool, out: Path) -> dict:
-    command = [sys.executable, "-m", "bench.peak", "--worker", prepared, str(repeats), out]
-    if not determinism:
-        command.append("--no-determinism")
+def _run_worker(prepared: Path, repeats: int, engine: str, out: Path) -> dict:
+    command = [sys.executable, "-m", "bench.peak", "--worker", prepared, str(repeats), engine, out]
     run_process(command, ROOT, env_with_venv()).check("peak worker")
     return json.loads(out.read_text())
 
 
+def _fraction(row: dict, flops: float, key: str) -> float:
+    return row[key] * flops / max(row["matmul_flops"].values())
+
+
 def run(work: Path, quick: bool) -> list[Result]:
     """Measure the peak and VGG16's extraction rate, interleaved."""
-    count = 24 if quick else 160  # 80% land in the train split
+    count = 24 if quick else 320  # 80% land in the train split, 10% in val
     repeats = 1 if quick else 3
     prepared = prepared_dataset(work, count, IMAGE_SIZE, val_fraction=0.1, test_fraction=0.1)
     load_before = load_average()
-    data = _run_worker(prepared.root, repeats, True, work / "worker.json")
-    plain = _run_worker(prepared.root, 1, False, work / "worker-plain.json")
+    data = _run_worker(prepared.root, repeats, "onnxruntime", work / "worker.json")
+    keras_run = _run_worker(prepared.root, 1, "keras", work / "worker-keras.json")
     load_after = load_average()
     flops = data["flops_per_image"]
     peaks = [max(r["matmul_flops"].values()) for r in data["rows"]]
     rates = [r["extract_images_per_s"] * flops for r in data["rows"]]
-    steady = [r["steady_images_per_s"] * flops for r in data["rows"] if r["steady_images_per_s"]]
     peak = statistics.median(peaks)
     fraction = statistics.median(rates) / peak
     details = {
         "vgg16_gflop_per_image": round(flops / 1e9, 2),
         "images_per_run": data["images"],
+        "engine": data["engine"],
         "repeats": repeats,
         "peak_gflop_s": round(peak / 1e9, 1),
         "peak_by_library_gflop_s": {
@@ -163,15 +162,14 @@ def run(work: Path, quick: bool) -> list[Result]:
         "extract_images_per_s": round(
             statistics.median(r["extract_images_per_s"] for r in data["rows"]), 2
         ),
-        "keras_steady_state_fraction": round(statistics.median(steady) / peak, 3)
-        if steady
-        else None,
-        "without_op_determinism_fraction": round(
-            plain["rows"][0]["extract_images_per_s"]
-            * flops
-            / max(plain["rows"][0]["matmul_flops"].values()),
-            3,
+        "conversion_s": round(statistics.median(r["conversion_s"] for r in data["rows"]), 1),
+        "fraction_with_conversion": round(
+            statistics.median(_fraction(r, flops, "total_images_per_s") for r in data["rows"]), 3
         ),
+        "keras_engine_fraction": round(
+            _fraction(keras_run["rows"][0], flops, "extract_images_per_s"), 3
+        ),
+        "keras_engine_images_per_s": round(keras_run["rows"][0]["extract_images_per_s"], 2),
         "per_repeat": data["rows"],
         "load_average": [load_before, load_after],
     }
@@ -181,16 +179,14 @@ def run(work: Path, quick: bool) -> list[Result]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry point (``--worker PREPARED REPEATS OUT [--no-determinism]``)."""
+    """Worker entry point (``--worker PREPARED REPEATS ENGINE OUT``)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", type=Path, required=True)
     parser.add_argument("repeats", type=int)
+    parser.add_argument("engine", choices=["onnxruntime", "keras"])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--no-determinism", action="store_true")
     args = parser.parse_args(argv)
-    args.out.write_text(
-        json.dumps(worker(args.worker, args.repeats, not args.no_determinism), indent=2)
-    )
+    args.out.write_text(json.dumps(worker(args.worker, args.repeats, args.engine), indent=2))
     return 0
 
 

@@ -37,6 +37,35 @@ class Parity:
     passed: bool
 
 
+def keras_to_onnx(
+    model, input_shape: tuple[int, ...], opset: int, input_name: str, output_name: str
+):
+    """Convert a Keras model to an ONNX ``ModelProto`` whose batch dimension is dynamic.
+
+    Args:
+        model: any Keras model taking one float32 input.
+        input_shape: the input's shape without the batch dimension.
+        opset: the ONNX opset.
+        input_name: the graph input's name.
+        output_name: the graph output's name.
+    """
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, *input_shape), tf.float32, name=input_name),)
+
+    @tf.function(input_signature=spec)
+    def serve(tensor):
+        return {output_name: model(tensor, training=False)}
+
+    proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
+    for value in (*proto.graph.input, *proto.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = "batch"
+    return proto
+
+
 def to_onnx(model, info: dict, opset: int):
     """Convert a Keras model (raw pixels → probabilities) to an ONNX ``ModelProto``.
 
@@ -46,21 +75,9 @@ def to_onnx(model, info: dict, opset: int):
         opset: the ONNX opset.
     """
     import onnx
-    import tensorflow as tf
-    import tf2onnx
 
     height, width = info["image_size"]
-    spec = (tf.TensorSpec((None, height, width, 3), tf.float32, name=INPUT_NAME),)
-
-    @tf.function(input_signature=spec)
-    def serve(pixels):
-        return {OUTPUT_NAME: model(pixels, training=False)}
-
-    proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
-    for value in (*proto.graph.input, *proto.graph.output):
-        dim = value.type.tensor_type.shape.dim[0]
-        dim.ClearField("dim_value")
-        dim.dim_param = "batch"
+    proto = keras_to_onnx(model, (height, width, 3), opset, INPUT_NAME, OUTPUT_NAME)
     metadata = {
         "classes": json.dumps(info["classes"]),
         "image_size": json.dumps(info["image_size"]),

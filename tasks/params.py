@@ -172,6 +172,11 @@ class TrainParams(_Section):
     early_stopping_patience: int = Field(5, ge=0, description="0 disables early stopping")
     augment: bool = False
     feature_cache: bool = True
+    feature_engine: Literal["onnxruntime", "keras"] = Field(
+        "onnxruntime",
+        description="runs the frozen backbone to fill the feature cache; onnxruntime is "
+        "1.3-2x faster on CPU and falls back to keras if the conversion fails",
+    )
     seed: int = Field(42, ge=0, le=MAX_SEED)
     fine_tune: FineTuneParams = FineTuneParams()
 

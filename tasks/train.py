@@ -3,7 +3,10 @@
 * Pretrained backbone: frozen, called with ``training=False`` (BatchNorm stays in inference
   mode, also when fine-tuning). With ``train.feature_cache`` (and no augmentation or
   fine-tuning) the backbone's pooled features are computed once, stored under
-  ``--features`` keyed by backbone, data and pooling, and the head trains on them.
+  ``--features`` keyed by backbone, data, pooling and engine, and the head trains on them.
+  The extraction runs on ONNX Runtime (``train.feature_engine``: the backbone is converted
+  with tf2onnx and checked against Keras on the first batch), 1.3-2x faster than Keras on
+  CPU; Keras takes over if the conversion fails.
 * ``backbone.weights: none``: the backbone trains with the head (from scratch).
 * Optional phase 2 (``train.fine_tune``): unfreeze the top N backbone layers (BatchNorm
   stays frozen), recompile at a lower learning rate, continue.
@@ -35,6 +38,7 @@ import os
 import shutil
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +50,7 @@ from tasks.common import (
     StageError,
     atomic_path,
     log,
+    progress,
     read_json,
     run_stage,
     set_determinism,
@@ -391,10 +396,25 @@ def _compile(model, learning_rate: float) -> None:
     )
 
 
-def extract_features(
-    backbone, prepared: Prepared, split: str, pooling: str, batch_size: int
-) -> np.ndarray:
-    """Backbone outputs (globally pooled unless ``pooling`` is ``flatten``) for a split."""
+EXTRACT_BATCH = 16  # the fastest VGG16/MobileNetV2 batch on CPU here; features don't depend on it
+
+
+@dataclass
+class FeatureExtractor:
+    """The frozen backbone plus pooling, as a function of a float32 pixel batch."""
+
+    run: Callable[[np.ndarray], np.ndarray]
+    engine: str  # "onnxruntime" or "keras"
+    width: int  # features per image
+
+
+def feature_extractor(backbone, pooling: str, engine: str = "keras") -> FeatureExtractor:
+    """Backbone → global pooling (or flatten) as a batch function on ``engine``.
+
+    With ``onnxruntime`` the Keras graph is converted with tf2onnx and checked against
+    Keras on the first batch; if the conversion fails or disagrees, Keras is used and the
+    reason is logged (the features are the same either way, within float32 rounding).
+    """
     import keras
 
     inputs = keras.Input(backbone.input_shape[1:])
@@ -406,20 +426,80 @@ def extract_features(
     else:
         x = keras.layers.Flatten()(x)
     extractor = keras.Model(inputs, x)
-    parts = [
-        extractor.predict_on_batch(images.astype(np.float32))
-        for images, _ in prepared.batches(split, batch_size)
-    ]
-    return (
-        np.concatenate(parts).astype(np.float32)
-        if parts
-        else np.empty((0, x.shape[-1]), np.float32)
+    width = int(x.shape[-1])
+
+    def on_keras(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(extractor.predict_on_batch(batch), np.float32)
+
+    if engine == "onnxruntime":
+        try:
+            return FeatureExtractor(_onnx_runner(extractor, on_keras), "onnxruntime", width)
+        except Exception as exc:  # tf2onnx raises whatever it hits on layers it can't convert
+            log.warning("feature extraction: ONNX Runtime unavailable (%s); using Keras", exc)
+    return FeatureExtractor(on_keras, "keras", width)
+
+
+def _onnx_runner(extractor, reference: Callable[[np.ndarray], np.ndarray]):
+    """An ONNX Runtime session of ``extractor``; its first batch is checked against Keras."""
+    import onnxruntime as ort
+
+    from tasks.export import keras_to_onnx
+
+    started = time.perf_counter()
+    proto = keras_to_onnx(extractor, extractor.input_shape[1:], 17, "pixels", "features")
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    log.info(
+        "feature extraction: backbone converted to ONNX in %.1fs", time.perf_counter() - started
     )
+    state = {"checked": False, "use_keras": False}
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        if state["use_keras"]:
+            return reference(batch)
+        features = session.run(None, {"pixels": batch})[0]
+        if not state["checked"]:
+            state["checked"] = True
+            expected = reference(batch[:2])
+            scale = max(1.0, float(np.abs(expected).max()))
+            diff = float(np.abs(features[:2] - expected).max())
+            if not diff <= 1e-3 * scale:
+                log.warning(
+                    "feature extraction: ONNX Runtime differs from Keras by %g (scale %g); "
+                    "using Keras",
+                    diff,
+                    scale,
+                )
+                state["use_keras"] = True
+                return reference(batch)
+        return features
+
+    return run
+
+
+def extract_features(
+    backbone, prepared: Prepared, split: str, pooling: str, batch_size: int,
+    extractor: FeatureExtractor | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Backbone outputs (globally pooled unless ``pooling`` is ``flatten``) for a split.
+
+    ``extractor`` (from :func:`feature_extractor`) is built from ``backbone`` when absent.
+    """
+    extractor = extractor or feature_extractor(backbone, pooling)
+    total = prepared.count(split)
+    out = np.empty((total, extractor.width), np.float32)
+    done = 0
+    with progress(total=total, desc=f"features {split} ({extractor.engine})", unit="img") as bar:
+        for images, _ in prepared.batches(split, batch_size):
+            out[done : done + len(images)] = extractor.run(images.astype(np.float32))
+            done += len(images)
+            bar.update(len(images))
+    return out
 
 
 def cached_features(
-    folder: Path, key: str, backbone, prepared: Prepared, pooling: str, batch_size: int
-) -> dict[str, np.ndarray]:
+    folder: Path, key: str, backbone, prepared: Prepared, pooling: str,
+    engine: str = "keras", batch_size: int = EXTRACT_BATCH,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """Load the features for ``key`` from ``folder``, computing and storing them if absent.
 
     Only one key is kept: features of older backbones or data are deleted.
@@ -431,10 +511,14 @@ def cached_features(
         return {s: np.load(target / f"{s}.npy") for s in splits}
     log.info("feature cache miss: extracting backbone features once into %s", target)
     started = time.perf_counter()
-    features = {s: extract_features(backbone, prepared, s, pooling, batch_size) for s in splits}
+    extractor = feature_extractor(backbone, pooling, engine)
+    features = {
+        s: extract_features(backbone, prepared, s, pooling, batch_size, extractor) for s in splits
+    }
     log.info(
-        "extracted %d feature vectors in %.1fs",
+        "extracted %d feature vectors with %s in %.1fs",
         sum(len(f) for f in features.values()),
+        extractor.engine,
         time.perf_counter() - started,
     )
     if folder.exists():
@@ -569,10 +653,12 @@ def train(
         pool_layer = head[0] if feature_rank == 3 else None
         key_source = hashlib.sha256(model_digest(backbone_file))
         key_source.update(pd_hash(prepared))
-        key_source.update(f"{params.pooling}|{prepared.image_size}".encode())
+        key_source.update(
+            f"{params.pooling}|{prepared.image_size}|{params.feature_engine}".encode()
+        )
         features = cached_features(
-            paths.features or paths.backup / "features", key_source.hexdigest()[:20], backbone, prepared,
-            params.pooling, max(params.batch_size, 64),
+            paths.features or paths.backup / "features", key_source.hexdigest()[:20], backbone,
+            prepared, params.pooling, params.feature_engine,
         )  # fmt: skip
         feat_in = keras.Input(features["train"].shape[1:], name="features")
         head_model = keras.Model(

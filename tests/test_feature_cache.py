@@ -187,3 +187,33 @@ def test_cache_is_off_when_the_backbone_output_can_change(
     assert extractions == []
     assert not (tmp_path / "features").exists() or not any((tmp_path / "features").iterdir())
     assert json.dumps(result.history)  # trained and returned a normal history
+
+
+def test_onnx_runtime_features_match_keras(prepared, backbone, caplog):
+    """The default engine converts the backbone once and gives Keras's features."""
+    from tasks.safety import load_model_safely
+
+    model = load_model_safely(backbone[0], compile=False)
+    for pooling in ("avg", "flatten"):
+        on_ort = tasks.train.feature_extractor(model, pooling, "onnxruntime")
+        on_keras = tasks.train.feature_extractor(model, pooling, "keras")
+        assert (on_ort.engine, on_keras.engine) == ("onnxruntime", "keras")
+        fast = tasks.train.extract_features(model, prepared, "val", pooling, 16, on_ort)
+        reference = tasks.train.extract_features(model, prepared, "val", pooling, 16, on_keras)
+        assert fast.shape == reference.shape == (prepared.count("val"), on_ort.width)
+        np.testing.assert_allclose(fast, reference, rtol=1e-4, atol=1e-5)
+    assert "using Keras" not in caplog.text
+
+
+def test_a_backbone_onnx_cannot_convert_falls_back_to_keras(
+    tmp_path, prepared, backbone, monkeypatch, caplog
+):
+    def unconvertible(*_args, **_kwargs):
+        raise ValueError("tf2onnx: no converter for op FancyOp")
+
+    monkeypatch.setattr("tasks.export.keras_to_onnx", unconvertible)
+    result = run_train(tmp_path, backbone, prepared, "fallback", epochs=2)
+    assert result.used_feature_cache
+    assert "no converter for op FancyOp" in caplog.text and "using Keras" in caplog.text
+    accuracy = accuracy_on_test_split(result.model, prepared)
+    assert accuracy > 0.5, accuracy  # trained on Keras features
