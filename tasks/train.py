@@ -119,8 +119,8 @@ def keras_callbacks() -> SimpleNamespace:
     """The Keras callbacks of this stage (defined lazily, so importing this module is cheap).
 
     Returns:
-        A namespace with ``BestCheckpoint``, ``EpochBackup``, ``EpochClockCallback`` and
-        ``NanGuard``.
+        A namespace with ``BestCheckpoint``, ``EpochBackup``, ``ResumableEarlyStopping``,
+        ``EpochClockCallback`` and ``NanGuard``.
     """
     import keras
 
@@ -213,6 +213,24 @@ def keras_callbacks() -> SimpleNamespace:
                 if not old.name.startswith(f"epoch-{done:04d}."):
                     old.unlink()
 
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        """``keras.callbacks.EarlyStopping`` that counts the epochs before a resume.
+
+        Keras' callback starts from scratch in every ``fit``: after a resume its patience
+        would restart, and a run killed and resumed could train longer than one left
+        alone. Here the logged values of the earlier epochs (from the backup) are replayed
+        first, so the stopping epoch is the one an uninterrupted run would reach.
+        """
+
+        def __init__(self, earlier: dict[str, list[float]], **kwargs):
+            super().__init__(**kwargs)
+            self.earlier = earlier
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            for epoch, value in enumerate(self.earlier.get(self.monitor, [])):
+                super().on_epoch_end(epoch, {self.monitor: value})
+
     class EpochClockCallback(keras.callbacks.Callback):
         def __init__(self, clock: EpochClock):
             super().__init__()
@@ -241,6 +259,7 @@ def keras_callbacks() -> SimpleNamespace:
     return SimpleNamespace(
         BestCheckpoint=BestCheckpoint,
         EpochBackup=EpochBackup,
+        ResumableEarlyStopping=ResumableEarlyStopping,
         EpochClockCallback=EpochClockCallback,
         NanGuard=NanGuard,
     )
@@ -540,7 +559,6 @@ def _fit_phase(
         The logs of every epoch of the phase (those before a resume included), and the
         phase's ``BestCheckpoint``.
     """
-    import keras
 
     cbs = keras_callbacks()
     checkpoint = cbs.BestCheckpoint(paths.backup, params.monitor, phase)
@@ -562,9 +580,12 @@ def _fit_phase(
     ]
     if params.early_stopping_patience:
         callbacks.append(
-            keras.callbacks.EarlyStopping(
-                params.monitor, patience=params.early_stopping_patience, mode=_mode(params.monitor)
-            )
+            cbs.ResumableEarlyStopping(
+                {k: list(v) for k, v in history.items()},
+                monitor=params.monitor,
+                patience=params.early_stopping_patience,
+                mode=_mode(params.monitor),
+            )  # fmt: skip
         )
     if live is not None:
         from dvclive.keras import DVCLiveCallback

@@ -206,6 +206,30 @@ def test_epoch_backup_resumes_exactly_where_an_uninterrupted_run_would_be(tmp_pa
     assert sorted(p.name for p in folder.iterdir()) == ["epoch-0004.json", "epoch-0004.weights.h5"]
 
 
+def test_early_stopping_patience_counts_the_epochs_before_a_resume():
+    """Patience 2, val_loss 1.0, 0.5, 0.6 before the kill: one more bad epoch must stop."""
+    cbs = keras_callbacks()
+    earlier = {"val_loss": [1.0, 0.5, 0.6], "loss": [1.0, 0.8, 0.7]}
+
+    def stops_after(callback) -> bool:
+        model = tiny_model()
+        callback.set_model(model)
+        model.stop_training = False
+        callback.on_train_begin()
+        assert not model.stop_training  # the earlier epochs alone do not stop it
+        callback.on_epoch_end(3, {"val_loss": 0.7})
+        return bool(model.stop_training)
+
+    resumed = cbs.ResumableEarlyStopping(earlier, monitor="val_loss", patience=2, mode="min")
+    assert stops_after(resumed)
+    assert resumed.best == 0.5 and resumed.best_epoch == 1
+    # Keras' own callback forgets epochs 1-3 and would train on.
+    assert not stops_after(keras.callbacks.EarlyStopping("val_loss", patience=2, mode="min"))
+    # Nothing before the resume: the same as Keras' callback.
+    fresh = cbs.ResumableEarlyStopping({}, monitor="val_loss", patience=2, mode="min")
+    assert not stops_after(fresh) and fresh.best == 0.7
+
+
 def test_a_backup_that_cannot_be_loaded_is_a_clear_error(tmp_path):
     folder = tmp_path / "backup" / "head"
     folder.mkdir(parents=True)
