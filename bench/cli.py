@@ -23,6 +23,7 @@ from bench.common import ROOT, Result, machine_info
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results.json"
 README = BENCH / "README.md"
+HISTORY = BENCH / "history.jsonl"
 WORK = BENCH / "work"
 
 # benchmark group → (module, the result names it produces)
@@ -196,19 +197,63 @@ def table(document: dict) -> str:
     return "\n".join(lines)
 
 
+def append_history(document: dict, results: list[Result], history: Path = HISTORY) -> None:
+    """Add this run's figures as one line of ``bench/history.jsonl`` (never rewritten)."""
+    machine = document["machine"]
+    line = {
+        "date": machine["date"],
+        "machine": f"{machine['cpu']} ({machine['simd']}), {machine['cores']} cores",
+        "figures": {
+            r.name: {
+                "value": r.value,
+                "unit": r.unit,
+                "met": r.met,
+                "load_average": r.details.get("load_average"),
+            }
+            for r in results
+            if not r.skipped
+        },
+    }
+    with history.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line) + "\n")
+
+
+def history_table(history: Path = HISTORY) -> str:
+    """One row per recorded run, newest first: the figures it measured."""
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    lines = ["| run (UTC) | machine | figures (value, goal met) |", "|---|---|---|"]
+    for row in reversed(rows):
+        figures = ", ".join(
+            f"`{name}` {_fmt(f['value'], f['unit'])}"
+            + ("" if f.get("met") is None else (" ✓" if f["met"] else " ✗"))
+            for name, f in row["figures"].items()
+        )
+        lines.append(f"| {row['date']} | {row['machine']} | {figures} |")
+    return "\n".join(lines)
+
+
+def _replace_between(text: str, start: str, end: str, body: str) -> str:
+    if start not in text or end not in text:
+        text += f"\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def write_readme_table(document: dict, readme: Path = README) -> None:
-    """Replace the text between the results markers of ``bench/README.md``."""
+    """Replace the results (and history) sections of ``bench/README.md``."""
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     text = (
         readme.read_text(encoding="utf-8")
         if readme.exists()
         else f"# Benchmarks\n\n{start}\n{end}\n"
     )
-    if start not in text or end not in text:
-        text += f"\n{start}\n{end}\n"
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{table(document)}\n{end}{tail}", encoding="utf-8")
+    text = _replace_between(text, start, end, table(document))
+    if HISTORY.exists():
+        text = _replace_between(
+            text, "<!-- history:start -->", "<!-- history:end -->", history_table()
+        )
+    readme.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     if not args.quick and out == RESULTS:
+        append_history(document, results)
         write_readme_table(document)
     print(table(document))
     return 1 if any(r.skipped and r.skipped.startswith("failed") for r in results) else 0
