@@ -503,3 +503,29 @@ def test_an_empty_class_fails_the_stage_and_keeps_the_previous_output(tmp_path):
     )
     assert (out / "classes.json").read_text() == '["kept"]'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]
+
+
+def test_tf_dataset_streams_each_epochs_own_permutation(tmp_path):
+    """The training input: every epoch a permutation of its own, the one a resumed run
+    recomputes from the seed and the epoch number; float32 pixels of the stored images."""
+    from tasks.dataset import EpochClock
+
+    raw = tmp_path / "raw"
+    write_classes(raw, {"a": 30, "b": 30})
+    prepare(params(val_fraction=0.0, test_fraction=0.01), raw, tmp_path / "out")
+    prepared = Prepared.open(tmp_path / "out")
+    clock = EpochClock()
+    dataset = prepared.tf_dataset("train", 8, shuffle=True, seed=3, clock=clock)
+    images_by_epoch = []
+    for epoch in (0, 1):
+        clock.epoch = epoch
+        batches = [(x.numpy(), y.numpy()) for x, y in dataset]
+        expected = list(prepared.batches("train", 8, shuffle=True, seed=3 * 100_003 + epoch))
+        assert len(batches) == len(expected) == -(-prepared.count("train") // 8)
+        for (x, y), (ex, ey) in zip(batches, expected, strict=True):
+            assert x.dtype == np.float32 and np.array_equal(x, ex.astype(np.float32))
+            assert np.array_equal(y, ey)
+        images_by_epoch.append(np.concatenate([x for x, _ in batches]))
+    first, second = images_by_epoch
+    assert not np.array_equal(first, second)  # reshuffled...
+    assert sorted(map(bytes, first.astype(np.uint8))) == sorted(map(bytes, second.astype(np.uint8)))
