@@ -1,9 +1,9 @@
 """Image decoding shared by ``prepare`` (training shards) and ``tlp predict``.
 
 One function, :func:`decode`, turns an image file (or raw IDX pixels) into the RGB uint8
-array a model sees: EXIF orientation applied, any mode converted to RGB, resized
-by :func:`resize`. ``prepare`` and ``predict`` both call it, so an image gets the same pixels in
-training, ``evaluate`` and ``tlp predict``.
+array a model sees: EXIF orientation applied, any mode converted to RGB, resized by
+:func:`resize`. ``prepare`` and ``predict`` both call it, so an image gets the same pixels
+in training, ``evaluate`` and ``tlp predict``.
 
 This module imports only NumPy and Pillow: ``tlp predict`` starts in well under a second
 because it never loads pandas, pydantic or TensorFlow.

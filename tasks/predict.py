@@ -4,8 +4,8 @@ Everything the model needs travels inside ``models/model.onnx`` (see :mod:`tasks
 the class names, the image size and the preprocessing (inside the graph, which takes RGB
 float32 pixels in 0..255, NHWC). Images are decoded by :func:`tasks.imaging.decode`, the
 function that built the training shards (EXIF orientation applied, any mode converted to
-RGB, resized to the model's image size by :func:`tasks.imaging.resize`), so an image gets the same pixels here
-as in ``evaluate``. Only ONNX Runtime runs the model: TensorFlow, whose import alone takes
+RGB, resized to the model's image size by :func:`tasks.imaging.resize`), so an image gets
+the same pixels here as in ``evaluate``. Only ONNX Runtime runs the model: TensorFlow, whose import alone takes
 seconds, is never imported.
 
 Before anything runs, the model file is checked: external-data paths must stay inside the

@@ -427,12 +427,15 @@ class FeatureExtractor:
     width: int  # features per image
 
 
-def feature_extractor(backbone, pooling: str, engine: str = "keras") -> FeatureExtractor:
+def feature_extractor(
+    backbone, pooling: str, engine: str = "keras", sample: np.ndarray | None = None
+) -> FeatureExtractor:
     """Backbone → global pooling (or flatten) as a batch function on ``engine``.
 
-    With ``onnxruntime`` the Keras graph is converted with tf2onnx and checked against
-    Keras on the first batch; if the conversion fails or disagrees, Keras is used and the
-    reason is logged (the features are the same either way, within float32 rounding).
+    With ``onnxruntime`` the Keras graph is converted with tf2onnx and, given a ``sample``
+    batch of float32 pixels, checked against Keras on it; if the conversion fails or
+    disagrees, Keras is used and the reason is logged (the features are the same either
+    way, within float32 rounding).
     """
     import keras
 
@@ -452,47 +455,45 @@ def feature_extractor(backbone, pooling: str, engine: str = "keras") -> FeatureE
 
     if engine == "onnxruntime":
         try:
-            return FeatureExtractor(_onnx_runner(extractor, on_keras), "onnxruntime", width)
+            on_onnx = _onnx_runner(extractor)
         except Exception as exc:  # tf2onnx raises whatever it hits on layers it can't convert
             log.warning("feature extraction: ONNX Runtime unavailable (%s); using Keras", exc)
+        else:
+            if sample is None or _agrees(on_onnx(sample), on_keras(sample)):
+                return FeatureExtractor(on_onnx, "onnxruntime", width)
     return FeatureExtractor(on_keras, "keras", width)
 
 
-def _onnx_runner(extractor, reference: Callable[[np.ndarray], np.ndarray]):
-    """An ONNX Runtime session of ``extractor``; its first batch is checked against Keras."""
+FEATURE_OPSET = 17  # the extractor never leaves this process; any opset tf2onnx handles
+
+
+def _onnx_runner(extractor) -> Callable[[np.ndarray], np.ndarray]:
+    """``extractor`` converted to ONNX, as a batch function on an ONNX Runtime session."""
     import onnxruntime as ort
 
     from tasks.export import keras_to_onnx
 
     started = time.perf_counter()
-    proto = keras_to_onnx(extractor, extractor.input_shape[1:], 17, "pixels", "features")
+    proto = keras_to_onnx(extractor, extractor.input_shape[1:], FEATURE_OPSET, "pixels", "features")
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     log.info(
         "feature extraction: backbone converted to ONNX in %.1fs", time.perf_counter() - started
     )
-    state = {"checked": False, "use_keras": False}
+    return lambda batch: session.run(None, {"pixels": batch})[0]
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        if state["use_keras"]:
-            return reference(batch)
-        features = session.run(None, {"pixels": batch})[0]
-        if not state["checked"]:
-            state["checked"] = True
-            expected = reference(batch[:2])
-            scale = max(1.0, float(np.abs(expected).max()))
-            diff = float(np.abs(features[:2] - expected).max())
-            if not diff <= 1e-3 * scale:
-                log.warning(
-                    "feature extraction: ONNX Runtime differs from Keras by %g (scale %g); "
-                    "using Keras",
-                    diff,
-                    scale,
-                )
-                state["use_keras"] = True
-                return reference(batch)
-        return features
 
-    return run
+def _agrees(features: np.ndarray, expected: np.ndarray) -> bool:
+    """ONNX Runtime's features match Keras's within float32 rounding (else a warning)."""
+    scale = max(1.0, float(np.abs(expected).max()))
+    diff = float(np.abs(features - expected).max())
+    if diff <= 1e-3 * scale:
+        return True
+    log.warning(
+        "feature extraction: ONNX Runtime differs from Keras by %g (scale %g); using Keras",
+        diff,
+        scale,
+    )
+    return False
 
 
 def extract_features(
@@ -530,7 +531,8 @@ def cached_features(
         return {s: np.load(target / f"{s}.npy") for s in splits}
     log.info("feature cache miss: extracting backbone features once into %s", target)
     started = time.perf_counter()
-    extractor = feature_extractor(backbone, pooling, engine)
+    sample = prepared.load("train", limit=2)[0].astype(np.float32)  # checks ONNX vs Keras
+    extractor = feature_extractor(backbone, pooling, engine, sample if len(sample) else None)
     features = {
         s: extract_features(backbone, prepared, s, pooling, batch_size, extractor) for s in splits
     }

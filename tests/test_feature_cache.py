@@ -194,8 +194,9 @@ def test_onnx_runtime_features_match_keras(prepared, backbone, caplog):
     from tasks.safety import load_model_safely
 
     model = load_model_safely(backbone[0], compile=False)
+    sample = prepared.load("train", limit=2)[0].astype(np.float32)
     for pooling in ("avg", "flatten"):
-        on_ort = tasks.train.feature_extractor(model, pooling, "onnxruntime")
+        on_ort = tasks.train.feature_extractor(model, pooling, "onnxruntime", sample)
         on_keras = tasks.train.feature_extractor(model, pooling, "keras")
         assert (on_ort.engine, on_keras.engine) == ("onnxruntime", "keras")
         fast = tasks.train.extract_features(model, prepared, "val", pooling, 16, on_ort)
@@ -217,3 +218,10 @@ def test_a_backbone_onnx_cannot_convert_falls_back_to_keras(
     assert "no converter for op FancyOp" in caplog.text and "using Keras" in caplog.text
     accuracy = accuracy_on_test_split(result.model, prepared)
     assert accuracy > 0.5, accuracy  # trained on Keras features
+
+
+def test_features_that_disagree_with_keras_are_refused(caplog):
+    reference = np.array([[0.5, 40.0], [3.0, -2.0]], np.float32)
+    assert tasks.train._agrees(reference + 1e-4, reference)  # float32 rounding: accepted
+    assert not tasks.train._agrees(reference + np.float32(0.1), reference)
+    assert "ONNX Runtime differs from Keras by 0.1" in caplog.text and "using Keras" in caplog.text
