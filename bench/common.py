@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from tasks.params import load_params, with_changes
+
 ROOT = Path(__file__).resolve().parents[1]
+PARAMS = load_params(ROOT / "params.yaml")  # the shipped defaults
 BIN = Path(sys.executable).parent
 PROJECT_FILES = (
     "tasks",
@@ -318,11 +321,10 @@ def synthetic_images(
 def prepared_dataset(work: Path, count: int, image_size: tuple[int, int], **prepare_params: Any):
     """A prepared dataset of synthetic photos, made with the real prepare stage (reused)."""
     from tasks.dataset import Prepared
-    from tasks.params import PrepareParams
     from tasks.prepare import prepare
 
     height, width = image_size
-    params = PrepareParams(image_size=image_size, **prepare_params)
+    params = with_changes(PARAMS.prepare, image_size=image_size, **prepare_params)
     name = f"prepared-{count}-{height}x{width}-" + "-".join(
         f"{k}{v}" for k, v in sorted(prepare_params.items())
     )

@@ -11,17 +11,21 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import PARAMS
+from tasks.params import with_changes
+
 
 def main(argv: list[str] | None = None) -> int:
     """Classify one image with a ``.keras`` model."""
     model_path, image_path = (argv or sys.argv[1:])[:2]
-    from tasks.params import PrepareParams
     from tasks.prepare import Item, decode
     from tasks.safety import load_model_safely
 
     model = load_model_safely(model_path, compile=False)
     size = tuple(model.input_shape[1:3])
-    decoded = decode(Item(image_path, "", file=Path(image_path)), PrepareParams(image_size=size))
+    decoded = decode(
+        Item(image_path, "", file=Path(image_path)), with_changes(PARAMS.prepare, image_size=size)
+    )
     if decoded.pixels is None:
         print(f"error: {image_path}: {decoded.reason}", file=sys.stderr)
         return 1

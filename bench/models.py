@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from bench.common import ROOT, env_with_venv, run_process
+from bench.common import PARAMS, ROOT, env_with_venv, run_process
+from tasks.params import with_changes
 
 
 def backbone_file(arch: str, image_size: tuple[int, int], folder: Path) -> tuple[Path, Path]:
@@ -55,9 +56,10 @@ def classifier_files(
 
 def _build_backbone(arch: str, image_size: tuple[int, int]):
     from tasks.backbone import build_backbone
-    from tasks.params import BackboneParams
 
-    model, info = build_backbone(BackboneParams(arch=arch, weights="none"), image_size)
+    model, info = build_backbone(
+        with_changes(PARAMS.backbone, arch=arch, weights="none"), image_size
+    )
     return model, {**info.to_json(), "pretrained": True, "weights": "random (benchmark)"}
 
 
@@ -91,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from tasks.dataset import Prepared
     from tasks.export import export
-    from tasks.params import ExportParams
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((*image_size, 3), name="pixels")
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "backbone": info,
     }
     images, _ = Prepared.open(args.prepared).load("test", limit=32)
-    export(classifier, model_info, images, ExportParams(), args.out / "model.onnx")
+    export(classifier, model_info, images, PARAMS.export, args.out / "model.onnx")
     return 0
 
 

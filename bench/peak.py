@@ -27,7 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ROOT, Result, env_with_venv, load_average, prepared_dataset, run_process
+from bench.common import (
+    PARAMS,
+    ROOT,
+    Result,
+    env_with_venv,
+    load_average,
+    prepared_dataset,
+    run_process,
+)
+from tasks.params import with_changes
 
 IMAGE_SIZE = (224, 224)
 MATMUL_N = 3072
@@ -81,12 +90,13 @@ def worker(prepared_root: Path, repeats: int, engine: str) -> dict:
     from tasks.backbone import build_backbone
     from tasks.common import set_determinism
     from tasks.dataset import Prepared
-    from tasks.params import BackboneParams
     from tasks.train import cached_features
 
     set_determinism(42)
     prepared = Prepared.open(prepared_root)
-    backbone, _ = build_backbone(BackboneParams(arch="vgg16", weights="none"), IMAGE_SIZE)
+    backbone, _ = build_backbone(
+        with_changes(PARAMS.backbone, arch="vgg16", weights="none"), IMAGE_SIZE
+    )
     flops = conv_flops(backbone)
     images = prepared.count("train") + prepared.count("val")
     scratch = Path(tempfile.mkdtemp(prefix="peak-features-"))

@@ -19,6 +19,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.common import PARAMS
+from tasks.params import with_changes
+
 
 def epoch_timer():
     """A Keras callback that records the wall-clock time of each phase of every epoch."""
@@ -125,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from tasks.common import setup_logging
     from tasks.dataset import Prepared
-    from tasks.params import TrainParams
     from tasks.safety import load_model_safely
     from tasks.train import TrainPaths, train
 
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "feature_cache": args.mode == "cached", "augment": False, "seed": 42,
         **json.loads(args.train),
     }  # fmt: skip
-    params = TrainParams(**settings)
+    params = with_changes(PARAMS.train, **settings)
     prepared = Prepared.open(args.prepared)
     info = json.loads(args.info.read_text())
     for folder in ("features", "backup"):

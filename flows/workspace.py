@@ -15,10 +15,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tasks.common import atomic_path
-from tasks.params import ParamsError, apply_overrides, parse_params, read_yaml
+from tasks.params import ParamsError, apply_overrides, parse_params, parse_yaml, read_yaml
+
+MAX_VALUE_CHARS = 4096  # one -S value; a params value is never near this
 
 PARAMS_FILE = "params.yaml"
 
@@ -57,10 +57,9 @@ def parse_set_options(options: list[str] | None) -> dict[str, Any]:
         key, sep, value = option.partition("=")
         if not sep or not key.strip():
             raise ParamsError(f"-S {option!r}: expected key=value, e.g. -S train.epochs=5")
-        try:
-            overrides[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"-S {option!r}: the value is not valid YAML ({exc})") from None
+        if len(value) > MAX_VALUE_CHARS:
+            raise ParamsError(f"-S {key.strip()}: the value is over {MAX_VALUE_CHARS} characters")
+        overrides[key.strip()] = parse_yaml(value, f"-S {key.strip()}")
     return overrides
 
 

@@ -101,8 +101,19 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+# Exit codes of a stage's command (``python -m tasks.<stage>``): the contract between the
+# stages and whatever runs them (``dvc repro``, the Prefect flow). Never the message text.
+EXIT_OK = 0
+EXIT_FAILED = 1  # the stage cannot go on with these inputs or params; retrying will not help
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL (sysexits.h): a passing failure (network); retry later
+
+
 class StageError(RuntimeError):
     """A stage cannot go on; the message says why and what to do."""
+
+
+class TransientError(StageError):
+    """A failure a later attempt may not have (a download that kept failing); exit 75."""
 
 
 def run_stage(name: str, body: Callable[[], Any]) -> int:
@@ -113,7 +124,8 @@ def run_stage(name: str, body: Callable[[], Any]) -> int:
         body: the work; it may raise :class:`StageError`, :class:`ParamsError` or ``ValueError``.
 
     Returns:
-        The process exit code.
+        The process exit code: :data:`EXIT_OK`, :data:`EXIT_FAILED`, or
+        :data:`EXIT_TRANSIENT` for a :class:`TransientError`.
     """
     setup_logging()
     try:
@@ -121,8 +133,8 @@ def run_stage(name: str, body: Callable[[], Any]) -> int:
     except (StageError, ParamsError, ValueError, OSError) as exc:
         log.error("%s failed: %s", name, exc)
         print(f"ERROR: {name}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_TRANSIENT if isinstance(exc, TransientError) else EXIT_FAILED
+    return EXIT_OK
 
 
 def set_determinism(seed: int) -> None:

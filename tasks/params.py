@@ -3,16 +3,27 @@
 Every stage reads its own section (stage name = module name = section name).
 Unknown keys and wrong types fail with :class:`ParamsError`, whose message
 names the key, what was given and what is allowed.
+
+The shipped ``params.yaml`` is the one place defaults live: every key is required here, so
+what DVC tracks (the keys in ``params.yaml``) is all a stage reads, and no default hides in
+code. :func:`with_changes` derives a section from another one (tests start from the
+shipped file and change what they need).
+
+``params.yaml`` is read with the YAML rules DVC uses (YAML 1.2 through ruamel: ``010`` is
+ten, ``1e-3`` a float), so the stages, ``dvc params diff`` and ``dvc.lock`` agree on every
+value. Aliases are refused before anything expands them (a "billion laughs" file would
+otherwise take gigabytes), and so are files over :data:`MAX_PARAMS_BYTES`.
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import reprlib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,6 +36,11 @@ from pydantic import (
 STAGES = ("fetch", "prepare", "backbone", "train", "evaluate", "export")
 # numpy and keras.utils.set_random_seed accept seeds in [0, 2**32 - 1].
 MAX_SEED = 2**32 - 1
+MAX_PARAMS_BYTES = 1024 * 1024  # a params file is a few kB; anything near this is a mistake
+_SHORT = reprlib.Repr()  # keyword arguments need Python 3.12
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxdict = 6
+_SHORT.maxlevel = 3
 
 
 class ParamsError(ValueError):
@@ -64,16 +80,16 @@ class FetchParams(_Section):
     """Where the raw images come from (``fetch`` section)."""
 
     source: str = Field(
-        "builtin:digits",
+        ...,
         description="builtin:digits | builtin:mnist | builtin:fashion-mnist | http(s) URL of an "
         "archive | local archive | local folder of class sub-folders",
     )
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-    timeout_s: float = Field(60.0, gt=0)
-    retries: int = Field(3, ge=0, le=20)
-    max_members: int = Field(500_000, gt=0)
-    max_total_bytes: int = Field(20 * 1024**3, gt=0)
-    max_member_bytes: int = Field(1024**3, gt=0)
+    sha256: str | None = Field(..., pattern=r"^[0-9a-fA-F]{64}$")
+    timeout_s: float = Field(..., gt=0)
+    retries: int = Field(..., ge=0, le=20)
+    max_members: int = Field(..., gt=0)
+    max_total_bytes: int = Field(..., gt=0)
+    max_member_bytes: int = Field(..., gt=0)
 
     @field_validator("source")
     @classmethod
@@ -86,17 +102,17 @@ class FetchParams(_Section):
 class PrepareParams(_Section):
     """Decoding, validation, splitting and sharding (``prepare`` section)."""
 
-    image_size: tuple[int, int] = (32, 32)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    min_images_per_class: int = Field(5, ge=1)
-    other_class: str | None = None
-    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    imbalance_warn_ratio: float = Field(10.0, ge=1.0)
-    shard_size: int = Field(2048, ge=1)
-    min_side: int = Field(8, ge=1)
-    max_pixels: int = Field(100_000_000, ge=1)
-    workers: int = Field(0, ge=0, description="decode threads; 0 = number of CPUs + 1")
+    image_size: tuple[int, int]
+    val_fraction: float = Field(..., ge=0.0, lt=1.0)
+    test_fraction: float = Field(..., gt=0.0, lt=1.0)
+    min_images_per_class: int = Field(..., ge=1)
+    other_class: str | None
+    max_bad_fraction: float = Field(..., ge=0.0, le=1.0)
+    imbalance_warn_ratio: float = Field(..., ge=1.0)
+    shard_size: int = Field(..., ge=1)
+    min_side: int = Field(..., ge=1)
+    max_pixels: int = Field(..., ge=1)
+    workers: int = Field(..., ge=0, description="decode threads; 0 = number of CPUs + 1")
 
     @field_validator("image_size")
     @classmethod
@@ -118,11 +134,11 @@ class PrepareParams(_Section):
 class SimpleCnnParams(_Section):
     """The course's MNIST CNN: conv blocks with configurable filters, stride, padding, pooling."""
 
-    filters: tuple[int, ...] = (32, 64)
-    kernel_size: int = Field(3, ge=1, le=15)
-    strides: int = Field(1, ge=1, le=4)
-    padding: Literal["same", "valid"] = "same"
-    pool_size: int = Field(2, ge=1, le=4)
+    filters: tuple[int, ...]
+    kernel_size: int = Field(..., ge=1, le=15)
+    strides: int = Field(..., ge=1, le=4)
+    padding: Literal["same", "valid"]
+    pool_size: int = Field(..., ge=1, le=4)
 
     @field_validator("filters")
     @classmethod
@@ -135,12 +151,12 @@ class SimpleCnnParams(_Section):
 class BackboneParams(_Section):
     """Which pretrained feature extractor to use (``backbone`` section)."""
 
-    arch: str = "simple_cnn"
-    weights: str = Field("none", description="imagenet | none | path of a local weights file")
+    arch: str
+    weights: str = Field(..., description="imagenet | none | path of a local weights file")
     seed: int = Field(
-        42, ge=0, le=MAX_SEED, description="seeds the initial weights of untrained layers"
+        ..., ge=0, le=MAX_SEED, description="seeds the initial weights of untrained layers"
     )
-    simple_cnn: SimpleCnnParams = SimpleCnnParams()
+    simple_cnn: SimpleCnnParams
 
     @field_validator("arch")
     @classmethod
@@ -151,34 +167,34 @@ class BackboneParams(_Section):
 class FineTuneParams(_Section):
     """Optional second phase: unfreeze the top layers of the backbone."""
 
-    enabled: bool = False
-    layers: int = Field(20, ge=1)
-    epochs: int = Field(5, ge=1)
-    learning_rate: float = Field(1e-5, gt=0)
+    enabled: bool
+    layers: int = Field(..., ge=1)
+    epochs: int = Field(..., ge=1)
+    learning_rate: float = Field(..., gt=0)
 
 
 class TrainParams(_Section):
     """The classification head and its training (``train`` section)."""
 
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    pooling: Literal["avg", "max", "flatten"] = "avg"
+    epochs: int = Field(..., ge=1)
+    batch_size: int = Field(..., ge=1)
+    learning_rate: float = Field(..., gt=0)
+    dropout: float = Field(..., ge=0.0, lt=1.0)
+    pooling: Literal["avg", "max", "flatten"]
     dense_units: int = Field(
-        0, ge=0, description="hidden Dense layer before the classifier; 0 = none"
+        ..., ge=0, description="hidden Dense layer before the classifier; 0 = none"
     )
-    monitor: str = "val_loss"
-    early_stopping_patience: int = Field(5, ge=0, description="0 disables early stopping")
-    augment: bool = False
-    feature_cache: bool = True
+    monitor: str
+    early_stopping_patience: int = Field(..., ge=0, description="0 disables early stopping")
+    augment: bool
+    feature_cache: bool
     feature_engine: Literal["onnxruntime", "keras"] = Field(
-        "onnxruntime",
+        ...,
         description="runs the frozen backbone to fill the feature cache; onnxruntime is "
         "1.3-2x faster on CPU and falls back to keras if the conversion fails",
     )
-    seed: int = Field(42, ge=0, le=MAX_SEED)
-    fine_tune: FineTuneParams = FineTuneParams()
+    seed: int = Field(..., ge=0, le=MAX_SEED)
+    fine_tune: FineTuneParams
 
     @field_validator("monitor")
     @classmethod
@@ -192,28 +208,28 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     """Metrics on the test split (``evaluate`` section)."""
 
-    top_k: int = Field(3, ge=1)
-    batch_size: int = Field(256, ge=1)
+    top_k: int = Field(..., ge=1)
+    batch_size: int = Field(..., ge=1)
 
 
 class ExportParams(_Section):
     """ONNX export and its parity gate (``export`` section)."""
 
-    opset: int = Field(17, ge=13, le=21)
-    atol: float = Field(1e-4, gt=0)
-    min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
-    max_parity_images: int = Field(1000, ge=1)
+    opset: int = Field(..., ge=13, le=21)
+    atol: float = Field(..., gt=0)
+    min_top1_agreement: float = Field(..., ge=0.0, le=1.0)
+    max_parity_images: int = Field(..., ge=1)
 
 
 class Params(_Section):
     """All of ``params.yaml``."""
 
-    fetch: FetchParams = FetchParams()
-    prepare: PrepareParams = PrepareParams()
-    backbone: BackboneParams = BackboneParams()
-    train: TrainParams = TrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    export: ExportParams = ExportParams()
+    fetch: FetchParams
+    prepare: PrepareParams
+    backbone: BackboneParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    export: ExportParams
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -224,10 +240,8 @@ def _describe(error: dict[str, Any]) -> str:
         allowed = _allowed_keys(error["loc"][:-1])
         where = f"{section}." if section else ""
         return f"unknown key {where}{error['loc'][-1]} (allowed: {', '.join(allowed)})"
-    given = repr(error.get("input"))
-    if len(given) > 200:
-        given = given[:200] + "..."
-    return f"{key}: {message} (got {given})"
+    # reprlib: a huge value (say, one a YAML alias expanded) is never printed whole.
+    return f"{key}: {message} (got {_SHORT.repr(error.get('input'))})"
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -257,8 +271,22 @@ def parse_params(raw: dict[str, Any] | None) -> Params:
     try:
         return Params.model_validate(raw or {})
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
-        raise ParamsError(f"invalid params: {problems}. Fix params.yaml or the override.") from None
+        raise ParamsError(
+            f"invalid params: {_problems(exc)}. Fix params.yaml or the override."
+        ) from None
+
+
+def _problems(exc: ValidationError) -> str:
+    """Every problem, the missing keys named together (the shipped params.yaml has them)."""
+    errors = exc.errors()
+    missing = [".".join(map(str, e["loc"])) for e in errors if e["type"] == "missing"]
+    problems = [_describe(e) for e in errors if e["type"] != "missing"]
+    if missing:
+        problems.append(
+            f"missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}: every key of "
+            "the shipped params.yaml is required; copy the missing ones from it"
+        )
+    return "; ".join(problems)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -285,19 +313,60 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> di
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with an error that names the file when it is not one."""
+    """Read a YAML mapping as DVC does (YAML 1.2), refusing aliases and oversized files.
+
+    Raises:
+        ParamsError: the file is missing, too big, not YAML, uses aliases or is no mapping;
+            the message names the file.
+    """
     path = Path(path)
     try:
-        with path.open(encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+        with path.open("rb") as handle:
+            data = handle.read(MAX_PARAMS_BYTES + 1)
     except FileNotFoundError:
         raise ParamsError(f"{path} not found; run from the project root or pass --params") from None
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ParamsError(
+            f"{path} is over {MAX_PARAMS_BYTES // 1024} KiB; a params file holds a few settings"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path} is not UTF-8 text ({exc})") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML 1.2 text as DVC does; aliases are refused before anything expands them.
+
+    Args:
+        text: the YAML document.
+        where: what it is, for error messages (a file name, ``-S train.epochs=5``).
+
+    Returns:
+        The parsed value.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+    from ruamel.yaml.events import AliasEvent
+
+    yaml = YAML(typ="safe", pure=True)  # YAML 1.2, like dvc.utils.serialize.load_yaml
+    try:
+        for event in yaml.parse(io.StringIO(text)):
+            if isinstance(event, AliasEvent):
+                mark = event.start_mark
+                raise ParamsError(
+                    f"{where} uses the YAML alias *{event.anchor} (line {mark.line + 1}); "
+                    "aliases are not allowed in params: write the value out"
+                )
+        data = yaml.load(text)
+    except YAMLError as exc:
+        raise ParamsError(f"{where} is not valid YAML: {exc}") from None
     return data
 
 
@@ -314,3 +383,25 @@ def load_params(
         The typed parameters.
     """
     return parse_params(apply_overrides(read_yaml(path), overrides))
+
+
+Section = TypeVar("Section", bound=_Section)
+
+
+def with_changes(section: Section, **changes: Any) -> Section:
+    """A validated copy of a params section with some keys changed.
+
+    Example: ``with_changes(params.train, epochs=3, fine_tune={"enabled": True})``: nested
+    sections are merged, not replaced. Unlike ``model_copy(update=...)`` the result is
+    validated, so a bad value fails here with :class:`ParamsError`.
+    """
+    merged = section.model_dump()
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    try:
+        return type(section).model_validate(merged)
+    except ValidationError as exc:
+        raise ParamsError(f"invalid params: {_problems(exc)}") from None

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.params import load_params
+
 ROOT = Path(__file__).resolve().parents[1]
+PARAMS = load_params(ROOT / "params.yaml")  # the shipped defaults, the only ones there are
 BIN = Path(sys.executable).parent
 PROJECT_FILES = (
     "tasks",
@@ -79,6 +82,14 @@ def make_project(dest: Path, params: dict | None = None) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "init"], dest)
     return dest
+
+
+def write_params(path: Path, changes: dict) -> Path:
+    """Write the shipped params.yaml to ``path`` with ``changes`` merged in; return ``path``."""
+    with (ROOT / "params.yaml").open() as handle:
+        merged = deep_update(yaml.safe_load(handle), changes)
+    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+    return path
 
 
 def set_params(project: Path, changes: dict) -> None:

@@ -16,9 +16,9 @@ import yaml
 
 from tasks.backbone import ARCHS, SIMPLE_CNN, allowed_archs, build_backbone, resolve_arch
 from tasks.layers import Preprocess
-from tasks.params import BackboneParams, SimpleCnnParams, read_yaml
+from tasks.params import read_yaml, with_changes
 from tasks.safety import load_model_safely
-from tests.conftest import ROOT, run
+from tests.conftest import PARAMS, ROOT, run
 
 
 def weights_equal(left: list[np.ndarray], right: list[np.ndarray]) -> bool:
@@ -67,7 +67,7 @@ def test_every_keras_application_is_allowed_and_constructible_by_name():
 
 def test_unknown_arch_is_an_error_listing_the_allowed_names():
     with pytest.raises(ValueError) as caught:
-        build_backbone(BackboneParams(arch="resnet51"), (32, 32))
+        build_backbone(with_changes(PARAMS.backbone, arch="resnet51"), (32, 32))
     message = str(caught.value)
     assert "backbone.arch 'resnet51' is not a known architecture" in message
     assert all(name in message for name in ("simple_cnn", "mobilenet_v2", "vgg16", "resnet50"))
@@ -83,12 +83,12 @@ def test_unknown_arch_is_an_error_listing_the_allowed_names():
 )
 def test_input_size_the_arch_cannot_take_is_an_error_naming_the_minimum(arch, size, expected):
     with pytest.raises(ValueError, match="Raise prepare.image_size") as caught:
-        build_backbone(BackboneParams(arch=arch), size)
+        build_backbone(with_changes(PARAMS.backbone, arch=arch), size)
     assert expected in str(caught.value)
 
 
 def test_simple_cnn_too_deep_for_the_image_is_an_error():
-    params = BackboneParams(simple_cnn=SimpleCnnParams(filters=(4, 4, 4, 4), padding="valid"))
+    params = with_changes(PARAMS.backbone, simple_cnn={"filters": (4, 4, 4, 4), "padding": "valid"})
     with pytest.raises(ValueError, match="too small for 4 conv blocks"):
         build_backbone(params, (16, 16))
 
@@ -96,8 +96,11 @@ def test_simple_cnn_too_deep_for_the_image_is_an_error():
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
-        (BackboneParams(weights="imagenet"), "must be 'none' for simple_cnn"),
-        (BackboneParams(arch="vgg16", weights="no/such/file.h5"), "not 'imagenet', 'none' or an"),
+        (with_changes(PARAMS.backbone, weights="imagenet"), "must be 'none' for simple_cnn"),
+        (
+            with_changes(PARAMS.backbone, arch="vgg16", weights="no/such/file.h5"),
+            "not 'imagenet', 'none' or an",
+        ),
     ],
 )
 def test_bad_weights_setting_is_an_error(params, expected):
@@ -130,9 +133,9 @@ def test_unknown_arch_through_the_cli_fails_and_keeps_the_previous_backbone(tmp_
 
 
 def test_simple_cnn_is_seeded_and_takes_raw_pixels():
-    first, info = build_backbone(BackboneParams(), (16, 16))
-    again, _ = build_backbone(BackboneParams(), (16, 16))
-    other, _ = build_backbone(BackboneParams(seed=7), (16, 16))
+    first, info = build_backbone(PARAMS.backbone, (16, 16))
+    again, _ = build_backbone(PARAMS.backbone, (16, 16))
+    other, _ = build_backbone(with_changes(PARAMS.backbone, seed=7), (16, 16))
     assert weights_equal(first.get_weights(), again.get_weights())
     assert not weights_equal(first.get_weights(), other.get_weights())
     assert info.preprocessing == "rescale" and not info.pretrained and info.weights == "none"
@@ -164,7 +167,9 @@ def test_local_weights_file_is_loaded_into_vgg16(tmp_path):
     weights_file = tmp_path / "vgg16-no-top.weights.h5"
     source.save_weights(weights_file)
 
-    model, info = build_backbone(BackboneParams(arch="VGG16", weights=str(weights_file)), (32, 32))
+    model, info = build_backbone(
+        with_changes(PARAMS.backbone, arch="VGG16", weights=str(weights_file)), (32, 32)
+    )
 
     base = model.get_layer(info.base_layer)
     assert weights_equal(base.get_weights(), source.get_weights())

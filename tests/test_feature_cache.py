@@ -17,9 +17,10 @@ from PIL import Image
 import tasks.train
 from tasks.dataset import Prepared
 from tasks.evaluate import predict_split
-from tasks.params import BackboneParams, PrepareParams, TrainParams
+from tasks.params import with_changes
 from tasks.prepare import prepare
 from tasks.train import TrainPaths, train
+from tests.conftest import PARAMS
 
 IMAGE_SIZE = (16, 16)
 TRAIN = {
@@ -47,7 +48,7 @@ def prepared(tmp_path_factory) -> Prepared:
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (image * (255 / 16)).astype(np.uint8)
         Image.fromarray(pixels, "L").save(folder / f"{index:04d}.png")
-    prepare(PrepareParams(image_size=IMAGE_SIZE), root / "raw", root / "prepared")
+    prepare(with_changes(PARAMS.prepare, image_size=IMAGE_SIZE), root / "raw", root / "prepared")
     return Prepared.open(root / "prepared")
 
 
@@ -55,7 +56,9 @@ def make_backbone(folder: Path, seed: int) -> tuple[Path, dict]:
     """A saved simple_cnn backbone whose info says ``pretrained`` (so train freezes it)."""
     from tasks.backbone import build_backbone
 
-    params = BackboneParams(arch="simple_cnn", seed=seed, simple_cnn={"filters": [8, 16]})
+    params = with_changes(
+        PARAMS.backbone, arch="simple_cnn", seed=seed, simple_cnn={"filters": [8, 16]}
+    )
     model, info = build_backbone(params, IMAGE_SIZE)
     path = folder / f"backbone-{seed}.keras"
     model.save(path)
@@ -86,7 +89,7 @@ def run_train(tmp_path: Path, backbone, prepared: Prepared, name: str, **changes
     from tasks.safety import load_model_safely
 
     path, info = backbone
-    params = TrainParams(**{**TRAIN, **changes})
+    params = with_changes(PARAMS.train, **{**TRAIN, **changes})
     paths = TrainPaths(
         model=tmp_path / name / "model.keras",
         backup=tmp_path / name / "backup",

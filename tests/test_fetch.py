@@ -20,7 +20,8 @@ from PIL import Image
 
 from tasks.common import StageError
 from tasks.fetch import IDX_DATASETS, IDX_FILES, FetchResult, cache_name, fetch
-from tasks.params import FetchParams, load_params
+from tasks.params import FetchParams, load_params, with_changes
+from tests.conftest import PARAMS, write_params
 from tests.httpserver import FileServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def _quiet_offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def fetch_params(**overrides: object) -> FetchParams:
     """The real ``fetch`` section of params.yaml, with test overrides (validated)."""
     real = load_params(ROOT / "params.yaml").fetch
-    return FetchParams(**{**real.model_dump(), **overrides})
+    return with_changes(PARAMS.fetch, **{**real.model_dump(), **overrides})
 
 
 def sha256(path: Path) -> str:
@@ -418,8 +419,7 @@ def test_result_is_what_source_json_holds(tmp_path: Path, www: Path) -> None:
 
 
 def run_cli(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
-    params = tmp_path / "params.yaml"
-    params.write_text(f"fetch:\n  source: {json.dumps(source)}\n")
+    params = write_params(tmp_path / "params.yaml", {"fetch": {"source": source}})
     env = {**os.environ, "TLP_NO_PROGRESS": "1"}
     return subprocess.run(
         [

@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from tasks.fetch import cache_name, fetch
-from tasks.params import FetchParams
-from tests.conftest import BIN, run, set_params
+from tasks.params import with_changes
+from tests.conftest import BIN, PARAMS, run, set_params, write_params
 from tests.httpserver import FileServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,9 +120,7 @@ def test_sigkill_during_download(tmp_path: Path, after_kill: str) -> None:
 
     with FileServer(www, throttle_bps=THROTTLE_BPS) as server:
         url = server.url("data.tar.gz")
-        (work / "params.yaml").write_text(
-            yaml.safe_dump({"fetch": {"source": url, "sha256": sha256}})
-        )
+        write_params(work / "params.yaml", {"fetch": {"source": url, "sha256": sha256}})
         part = cache / (cache_name(url, sha256) + ".part")
         command = [sys.executable, "-m", "tasks.fetch", "--out", str(out), "--cache", str(cache)]
         command += ["--params", str(work / "params.yaml")]
@@ -160,7 +158,7 @@ def test_sigkill_during_download(tmp_path: Path, after_kill: str) -> None:
         statuses = [(r.range, r.status) for r in server.requests[before:] if r.method == "GET"]
 
         # A clean, uninterrupted fetch of what the server holds now, for comparison.
-        params = FetchParams(source=url, sha256=sha256)
+        params = with_changes(PARAMS.fetch, source=url, sha256=sha256)
         fetch(params, tmp_path / "clean" / "raw", tmp_path / "clean" / "downloads")
 
     if after_kill == "resume":

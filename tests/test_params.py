@@ -17,6 +17,7 @@ from tasks.params import (
     load_params,
     parse_params,
     read_yaml,
+    with_changes,
 )
 from tests.conftest import ROOT, run
 
@@ -103,13 +104,54 @@ def test_every_bad_key_is_reported_at_once():
         assert key in message
 
 
-def test_yaml_quirks_that_are_not_mistakes_are_accepted():
-    # PyYAML reads `1e-3` (no dot) as a string; it is still a valid learning rate.
-    data = yaml.safe_load("train:\n  learning_rate: 1e-3\nprepare:\n  image_size: [16, 24]\n")
-    params = parse_params(data)
-    assert math.isclose(params.train.learning_rate, 1e-3)
-    assert params.prepare.image_size == (16, 24)
-    assert parse_params(None) == Params()  # an empty params.yaml means all defaults
+def test_params_yaml_is_read_with_dvcs_yaml_rules(tmp_path):
+    """YAML 1.2, as DVC reads it: what trains is what dvc.lock and `dvc params diff` show."""
+    text = (ROOT / "params.yaml").read_text()
+    text = text.replace("  epochs: 12\n", "  epochs: 010\n").replace(
+        "  learning_rate: 0.001\n", "  learning_rate: 1e-3\n", 1
+    )
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    params = load_params(path)
+    assert params.train.epochs == 10  # PyYAML (YAML 1.1) reads 010 as octal 8
+    assert math.isclose(params.train.learning_rate, 1e-3)  # and 1e-3 as a string
+    from dvc.utils.serialize import load_yaml  # DVC's own reader agrees
+
+    assert load_yaml(path)["train"]["epochs"] == 10
+
+
+def test_a_missing_key_is_named_with_where_the_default_is():
+    raw = shipped()
+    del raw["train"]["epochs"]
+    with pytest.raises(ParamsError) as caught:
+        parse_params(raw)
+    assert "missing key train.epochs: every key of the shipped params.yaml" in str(caught.value)
+    with pytest.raises(ParamsError, match="missing key fetch: every key"):
+        parse_params({k: v for k, v in shipped().items() if k != "fetch"})
+
+
+def test_yaml_aliases_are_refused_before_anything_expands(tmp_path):
+    """A "billion laughs" params.yaml: refused at once, in a few kB of memory."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    text = (ROOT / "params.yaml").read_text().replace("  epochs: 12", "  epochs: *a9")
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\n" + text)
+    with pytest.raises(ParamsError, match=r"uses the YAML alias \*a0 \(line 2\)"):
+        read_yaml(path)
+    path.write_text("x: " + "y" * (2 * 1024 * 1024))
+    with pytest.raises(ParamsError, match="is over 1024 KiB"):
+        read_yaml(path)
+
+
+def test_with_changes_merges_nested_sections_and_validates():
+    train = load_params(ROOT / "params.yaml").train
+    changed = with_changes(train, epochs=3, fine_tune={"enabled": True})
+    assert changed.epochs == 3 and changed.fine_tune.enabled
+    assert changed.fine_tune.layers == train.fine_tune.layers  # merged, not replaced
+    assert train.epochs != 3  # the original is untouched (frozen)
+    with pytest.raises(ParamsError, match="epochs"):
+        with_changes(train, epochs=0)
 
 
 def test_overrides_apply_dotted_keys_and_refuse_unknown_stages():

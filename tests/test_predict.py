@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from tasks import predict
-from tests.conftest import ROOT, run
+from tasks.params import with_changes
+from tests.conftest import PARAMS, ROOT, run
 
 COLORS = ["red", "green", "blue"]
 SIZE = (8, 8)  # height, width of the tiny models
@@ -180,7 +181,6 @@ def test_exif_orientation_and_mode_conversion_follow_prepare(tmp_path, capsys):
 
 
 def test_pixels_are_exactly_those_of_prepare_decode(tmp_path):
-    from tasks.params import PrepareParams
     from tasks.prepare import Item, decode
 
     exif = Image.Exif()
@@ -189,15 +189,16 @@ def test_pixels_are_exactly_those_of_prepare_decode(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (50, 70, 3), np.uint8)).save(image, exif=exif)
     pixels, reason = predict.load_pixels(image, (16, 24))
-    expected = decode(Item("photo.jpg", "x", file=image), PrepareParams(image_size=(16, 24)))
+    expected = decode(
+        Item("photo.jpg", "x", file=image), with_changes(PARAMS.prepare, image_size=(16, 24))
+    )
     assert reason == "" and pixels.shape == (16, 24, 3)
     np.testing.assert_array_equal(pixels, expected.pixels)
 
 
 def test_decode_limits_are_the_prepare_defaults():
-    from tasks.params import PrepareParams
 
-    defaults = PrepareParams()
+    defaults = PARAMS.prepare
     limits = predict.DecodeLimits(defaults.image_size)
     assert (limits.min_side, limits.max_pixels) == (defaults.min_side, defaults.max_pixels)
 

@@ -27,9 +27,9 @@ from PIL import Image
 from tasks import imaging
 from tasks.common import StageError
 from tasks.dataset import Prepared
-from tasks.params import PrepareParams, read_yaml
+from tasks.params import PrepareParams, read_yaml, with_changes
 from tasks.prepare import Item, decode, prepare
-from tests.conftest import ROOT, run
+from tests.conftest import PARAMS, ROOT, run
 
 SIZE = (16, 16)
 
@@ -122,7 +122,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def params(**changes) -> PrepareParams:
     """Prepare params for tests: 16x16 images, no tolerance for surprises unless asked."""
-    return PrepareParams(**{"image_size": SIZE, "workers": 2, **changes})
+    return with_changes(PARAMS.prepare, **{"image_size": SIZE, "workers": 2, **changes})
 
 
 def decode_bytes(folder: Path, data: bytes, **changes):

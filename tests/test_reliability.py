@@ -46,11 +46,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tasks.dataset import Prepared
-from tasks.params import Params, ParamsError, PrepareParams, parse_params, read_yaml
+from tasks.params import Params, ParamsError, parse_params, read_yaml, with_changes
 from tasks.prepare import Item, decode, prepare
 from tasks.safety import UnsafeModelError, load_model_safely
 from tasks.train import DIVERGED_MARK, latest_backup
-from tests.conftest import BIN, ROOT, SHRUNK, make_project, run, set_params
+from tests.conftest import BIN, PARAMS, ROOT, SHRUNK, make_project, run, set_params
 from tests.test_prepare import (
     encode,
     exif_rotated_jpeg,
@@ -473,7 +473,9 @@ def test_identical_images_never_straddle_splits(tmp_path):
     (raw / "a" / "conflict.png").write_bytes(conflict)
     (raw / "b" / "conflict.png").write_bytes(conflict)
 
-    result = prepare(PrepareParams(image_size=(16, 16), workers=2), raw, tmp_path / "out")
+    result = prepare(
+        with_changes(PARAMS.prepare, image_size=(16, 16), workers=2), raw, tmp_path / "out"
+    )
 
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert (manifest.groupby("sha256")["split"].nunique() == 1).all()
@@ -492,7 +494,9 @@ def test_identical_images_never_straddle_splits(tmp_path):
 def test_a_99_to_1_imbalance_is_reported(tmp_path):
     raw = tmp_path / "raw"
     write_classes(raw, {"common": 495, "rare": 5})
-    result = prepare(PrepareParams(image_size=(16, 16), workers=2), raw, tmp_path / "out")
+    result = prepare(
+        with_changes(PARAMS.prepare, image_size=(16, 16), workers=2), raw, tmp_path / "out"
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["warnings"] == result.warnings
     assert any(
@@ -613,7 +617,7 @@ def test_the_decoder_never_raises_on_damaged_files(tmp_path_factory, base, cut, 
     path = tmp_path_factory.mktemp("fuzz") / "image"
     path.write_bytes(bytes(data))
 
-    result = decode(Item("fuzz", "c", path), PrepareParams(image_size=(16, 16)))
+    result = decode(Item("fuzz", "c", path), with_changes(PARAMS.prepare, image_size=(16, 16)))
 
     if result.reason:
         assert result.pixels is None
@@ -653,7 +657,11 @@ def test_a_corpus_of_malformed_images_is_converted_or_rejected_and_the_source_un
     before = tree_digest(raw)
 
     started = time.monotonic()
-    prepare(PrepareParams(image_size=(16, 16), max_bad_fraction=0.2), raw, tmp_path / "out")
+    prepare(
+        with_changes(PARAMS.prepare, image_size=(16, 16), max_bad_fraction=0.2),
+        raw,
+        tmp_path / "out",
+    )
     assert time.monotonic() - started < 60  # the 30000x30000 header is not decoded
 
     assert tree_digest(raw) == before  # nothing renamed, moved, rewritten or deleted

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from tasks.backbone import build_backbone
-from tasks.params import BackboneParams, SimpleCnnParams
+from tasks.params import with_changes
 from tasks.safety import UnsafeModelError, check_config, check_model_file, load_model_safely
+from tests.conftest import PARAMS
 
 
 def layer(class_name: str, module: str | None = "keras.layers", **extra) -> dict:
@@ -34,7 +35,7 @@ def functional(*layers: dict) -> dict:
 
 
 def test_the_pipelines_own_models_pass_and_load(tmp_path):
-    model, _ = build_backbone(BackboneParams(simple_cnn=SimpleCnnParams(filters=(4,))), (16, 16))
+    model, _ = build_backbone(with_changes(PARAMS.backbone, simple_cnn={"filters": (4,)}), (16, 16))
     path = tmp_path / "backbone.keras"
     model.save(path)
     check_model_file(path)  # the Preprocess layer is this project's registered tlp> layer

@@ -20,7 +20,7 @@ from PIL import Image
 from tasks.backbone import build_backbone
 from tasks.common import StageError
 from tasks.dataset import Prepared
-from tasks.params import BackboneParams, PrepareParams, SimpleCnnParams, TrainParams
+from tasks.params import with_changes
 from tasks.prepare import prepare
 from tasks.safety import load_model_safely
 from tasks.train import (
@@ -35,6 +35,7 @@ from tasks.train import (
     restore_backup,
     train,
 )
+from tests.conftest import PARAMS
 
 SIZE = (16, 16)
 
@@ -59,7 +60,9 @@ def prepared(tmp_path_factory) -> Prepared:
             pixels[..., channel] += 120
             Image.fromarray(pixels).save(folder / f"{index}.png")
     prepare(
-        PrepareParams(image_size=SIZE, val_fraction=0.2, test_fraction=0.1, workers=2),
+        with_changes(
+            PARAMS.prepare, image_size=SIZE, val_fraction=0.2, test_fraction=0.1, workers=2
+        ),
         root / "raw",
         root / "prepared",
     )
@@ -69,7 +72,9 @@ def prepared(tmp_path_factory) -> Prepared:
 @pytest.fixture(scope="module")
 def backbone_file(tmp_path_factory):
     """A small simple_cnn backbone saved like the backbone stage saves it."""
-    model, info = build_backbone(BackboneParams(simple_cnn=SimpleCnnParams(filters=(4, 8))), SIZE)
+    model, info = build_backbone(
+        with_changes(PARAMS.backbone, simple_cnn={"filters": (4, 8)}), SIZE
+    )
     path = tmp_path_factory.mktemp("models") / "backbone.keras"
     model.save(path)
     return path, info.to_json()
@@ -246,7 +251,7 @@ def test_fingerprint_covers_settings_backbone_and_classes_but_not_the_epoch_budg
     prepared, backbone_file, tmp_path
 ):
     path, _ = backbone_file
-    base = TrainParams()
+    base = PARAMS.train
     reference = fingerprint(base, path, prepared)
     assert fingerprint(base.model_copy(update={"epochs": 99}), path, prepared) == reference
     assert (
@@ -264,7 +269,7 @@ def test_fingerprint_covers_settings_backbone_and_classes_but_not_the_epoch_budg
     assert resaved.read_bytes() != path.read_bytes()
     assert fingerprint(base, resaved, prepared) == reference
     other_model, _ = build_backbone(
-        BackboneParams(seed=1, simple_cnn=SimpleCnnParams(filters=(4, 8))), SIZE
+        with_changes(PARAMS.backbone, seed=1, simple_cnn={"filters": (4, 8)}), SIZE
     )
     other_backbone = tmp_path / "other.keras"
     other_model.save(other_backbone)
@@ -304,7 +309,7 @@ def test_training_from_scratch_trains_the_backbone_and_a_finished_phase_is_not_r
 ):
     backbone, info = load_backbone(backbone_file, pretrained=False)
     initial = [w.copy() for w in backbone.get_weights()]
-    params = TrainParams(epochs=3, batch_size=16, learning_rate=0.01, dense_units=0)
+    params = with_changes(PARAMS.train, epochs=3, batch_size=16, learning_rate=0.01, dense_units=0)
     paths = TrainPaths(model=tmp_path / "model.keras", backup=tmp_path / "backup")
 
     result = train(params, backbone, info, prepared, paths, backbone_file[0])
@@ -334,7 +339,7 @@ def test_pretrained_backbone_stays_frozen_and_its_features_are_computed_once(
     caplog.set_level(logging.INFO, logger="tlp")
     backbone, info = load_backbone(backbone_file, pretrained=True)
     frozen = [w.copy() for w in backbone.get_weights()]
-    params = TrainParams(epochs=2, batch_size=16, learning_rate=0.01, pooling="avg")
+    params = with_changes(PARAMS.train, epochs=2, batch_size=16, learning_rate=0.01, pooling="avg")
     features = tmp_path / "features"
 
     def run_once(name: str):
@@ -373,7 +378,7 @@ def _head_on(model, pooled: np.ndarray) -> np.ndarray:
 
 def test_fine_tuning_runs_a_second_phase(prepared, backbone_file, tmp_path):
     backbone, info = load_backbone(backbone_file, pretrained=True)
-    params = TrainParams(
+    params = with_changes(PARAMS.train,
         epochs=2, batch_size=16, learning_rate=0.01,
         fine_tune={"enabled": True, "layers": 2, "epochs": 1, "learning_rate": 1e-4},
     )  # fmt: skip
@@ -390,7 +395,7 @@ def test_fine_tuning_runs_a_second_phase(prepared, backbone_file, tmp_path):
 def test_nan_loss_stops_training_and_marks_the_backup(prepared, backbone_file, tmp_path):
     backbone, info = load_backbone(backbone_file, pretrained=False)
     paths = TrainPaths(model=tmp_path / "model.keras", backup=tmp_path / "backup")
-    absurd = TrainParams(epochs=2, batch_size=16, learning_rate=1e30, dropout=0.0)
+    absurd = with_changes(PARAMS.train, epochs=2, batch_size=16, learning_rate=1e30, dropout=0.0)
 
     with pytest.raises(DivergedError, match=r"training diverged: the loss became nan") as caught:
         train(absurd, backbone, info, prepared, paths, backbone_file[0])
@@ -403,7 +408,7 @@ def test_nan_loss_stops_training_and_marks_the_backup(prepared, backbone_file, t
 
     # With a sane learning rate the diverged backup is discarded, not refused.
     backbone2, _ = load_backbone(backbone_file, pretrained=False)
-    sane = TrainParams(epochs=1, batch_size=16, learning_rate=0.01)
+    sane = with_changes(PARAMS.train, epochs=1, batch_size=16, learning_rate=0.01)
     result = train(sane, backbone2, info, prepared, paths, backbone_file[0])
     assert np.isfinite(result.best_value)
     assert not (paths.backup / DIVERGED_MARK).exists()
