@@ -2,7 +2,7 @@
 
 In a worker process, alternately: a large float32 matmul (the machine's practical FMA
 peak, the best of TensorFlow and NumPy/OpenBLAS), then the project's own feature
-extraction of VGG16 at 224x224: ``tasks.train.cached_features`` into an empty folder
+extraction of VGG16 at 224x224: ``tasks.features.cached_features`` into an empty folder
 (train and val splits, the stage's default engine and batch), after
 ``tasks.common.set_determinism`` as ``train`` calls it. VGG16's FLOPs are counted from its
 convolution layers (2 x K x K x C_in x C_out x H_out x W_out each; pooling and ReLU are
@@ -86,11 +86,11 @@ def matmul_rates(repeats: int = 3) -> dict[str, float]:
 
 def worker(prepared_root: Path, repeats: int, engine: str) -> dict:
     """Alternate matmul and extraction ``repeats`` times; return the raw figures."""
-    import tasks.export
+    import tasks.features
     from tasks.backbone import build_backbone
     from tasks.common import set_determinism
     from tasks.dataset import Prepared
-    from tasks.train import cached_features
+    from tasks.features import cached_features
 
     set_determinism(42)
     prepared = Prepared.open(prepared_root)
@@ -101,7 +101,7 @@ def worker(prepared_root: Path, repeats: int, engine: str) -> dict:
     images = prepared.count("train") + prepared.count("val")
     scratch = Path(tempfile.mkdtemp(prefix="peak-features-"))
     conversions: list[float] = []
-    original = tasks.export.keras_to_onnx
+    original = tasks.features.keras_to_onnx
 
     def timed_conversion(*args, **kwargs):
         started = time.perf_counter()
@@ -110,7 +110,7 @@ def worker(prepared_root: Path, repeats: int, engine: str) -> dict:
         finally:
             conversions.append(time.perf_counter() - started)
 
-    tasks.export.keras_to_onnx = timed_conversion
+    tasks.features.keras_to_onnx = timed_conversion
     rows = []
     for _ in range(repeats):
         peak = matmul_rates()

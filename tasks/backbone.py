@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.common import atomic_path, log, run_stage, write_json
+from tasks.common import log, run_stage, save_model, write_json
 from tasks.params import BackboneParams, SimpleCnnParams, load_params
 
 
@@ -281,13 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             info.arch, info.weights, info.preprocessing, len(model.layers),
             model.count_params(), info.feature_shape,
         )  # fmt: skip
-        with atomic_path(args.out) as tmp:
-            keras_path = tmp.with_suffix(".keras")  # Keras insists on the extension
-            try:
-                model.save(keras_path)
-                keras_path.replace(tmp)
-            finally:
-                keras_path.unlink(missing_ok=True)
+        save_model(model, args.out)
         write_json(args.info, info.to_json())
 
     return run_stage("backbone", body)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,23 @@ def remove(path: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def save_model(model: Any, target: str | Path) -> None:
+    """Save a Keras model to ``target`` whole or not at all: to a hidden sibling, then renamed.
+
+    Keras insists on the ``.keras`` extension, so the temporary file is ``.<stem>.tmp.keras``
+    beside ``target``. Its name is fixed: a file left by a killed save is never read, and
+    the next save overwrites it.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically, sorted and indented so diffs stay readable."""
     with atomic_path(path) as tmp:
@@ -99,6 +118,24 @@ def write_json(path: str | Path, data: Any) -> None:
 def read_json(path: str | Path) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def model_digest(path: str | Path) -> bytes:
+    """A digest of a saved Keras model's content: config and weights, not its save date.
+
+    A ``.keras`` archive holds ``metadata.json`` with the time it was saved, so the same
+    model saved twice (``dvc repro -f backbone``) differs byte-wise; its other entries do not.
+    Any other file is digested whole.
+    """
+    digest = hashlib.sha256()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for name in sorted(archive.namelist()):
+                if name != "metadata.json":
+                    digest.update(name.encode() + b"\0" + archive.read(name))
+    else:
+        digest.update(Path(path).read_bytes())
+    return digest.digest()
 
 
 # Exit codes of a stage's command (``python -m tasks.<stage>``): the contract between the

@@ -6,6 +6,7 @@ by the batch whatever the dataset size, and a global shuffle costs no extra memo
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +47,11 @@ class Prepared:
                 f"{root} is not a prepared dataset ({exc.filename} missing); run the prepare stage"
             ) from None
         return cls(root, list(classes), manifest, tuple(report["image_size"]))
+
+    def digest(self) -> bytes:
+        """A digest of the data: every image's content hash, label and split."""
+        columns = self.manifest[["sha256", "label_index", "split"]].astype(str)
+        return hashlib.sha256("\n".join(columns.agg("|".join, axis=1)).encode()).digest()
 
     def rows(self, split: str) -> pd.DataFrame:
         """Manifest rows of one split."""

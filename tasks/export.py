@@ -20,6 +20,7 @@ import numpy as np
 
 from tasks.common import StageError, atomic_path, log, read_json, run_stage, write_json
 from tasks.dataset import Prepared
+from tasks.onnx_io import cpu_session, keras_to_onnx
 from tasks.params import ExportParams, load_params
 
 INPUT_NAME = "pixels"
@@ -35,35 +36,6 @@ class Parity:
     top1_agreement: float
     max_abs_diff: float
     passed: bool
-
-
-def keras_to_onnx(
-    model, input_shape: tuple[int, ...], opset: int, input_name: str, output_name: str
-):
-    """Convert a Keras model to an ONNX ``ModelProto`` whose batch dimension is dynamic.
-
-    Args:
-        model: any Keras model taking one float32 input.
-        input_shape: the input's shape without the batch dimension.
-        opset: the ONNX opset.
-        input_name: the graph input's name.
-        output_name: the graph output's name.
-    """
-    import tensorflow as tf
-    import tf2onnx
-
-    spec = (tf.TensorSpec((None, *input_shape), tf.float32, name=input_name),)
-
-    @tf.function(input_signature=spec)
-    def serve(tensor):
-        return {output_name: model(tensor, training=False)}
-
-    proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
-    for value in (*proto.graph.input, *proto.graph.output):
-        dim = value.type.tensor_type.shape.dim[0]
-        dim.ClearField("dim_value")
-        dim.dim_param = "batch"
-    return proto
 
 
 def to_onnx(model, info: dict, opset: int):
@@ -114,14 +86,13 @@ def export(model, info: dict, test_images: np.ndarray, params: ExportParams, out
         StageError: the parity gate failed; ``out`` is not written.
     """
     import onnx
-    import onnxruntime as ort
 
     started = time.perf_counter()
     proto = to_onnx(model, info, params.opset)
     with atomic_path(out) as tmp:
         onnx.save(proto, tmp)
         onnx.checker.check_model(str(tmp), full_check=True)
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        session = cpu_session(tmp)
         parity = check_parity(model, session, test_images, params)
         log.info(
             "export: %d images, top-1 agreement %.4f, max |diff| %.2e (%.1fs)",

@@ -1,4 +1,4 @@
-"""The train stage's feature cache (``tasks.train.cached_features``), in process.
+"""The train stage's feature cache (``tasks.features.cached_features``), in process.
 
 A small simple_cnn backbone flagged as pretrained stands in for an ImageNet model (its
 random weights stay frozen, so its features are as fixed as a real pretrained backbone's);
@@ -7,14 +7,13 @@ the data are scikit-learn's digits prepared at 16x16 by the real prepare stage.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import tasks.train
+import tasks.features
 from tasks.dataset import Prepared
 from tasks.evaluate import predict_split
 from tasks.params import with_changes
@@ -74,13 +73,13 @@ def backbone(tmp_path_factory) -> tuple[Path, dict]:
 def extractions(monkeypatch) -> list[str]:
     """Records every split the backbone is run on to extract features."""
     calls: list[str] = []
-    original = tasks.train.extract_features
+    original = tasks.features.extract_features
 
     def spy(backbone, prepared, split, *args, **kwargs):
         calls.append(split)
         return original(backbone, prepared, split, *args, **kwargs)
 
-    monkeypatch.setattr(tasks.train, "extract_features", spy)
+    monkeypatch.setattr(tasks.features, "extract_features", spy)
     return calls
 
 
@@ -189,7 +188,13 @@ def test_cache_is_off_when_the_backbone_output_can_change(
     assert not result.used_feature_cache
     assert extractions == []
     assert not (tmp_path / "features").exists() or not any((tmp_path / "features").iterdir())
-    assert json.dumps(result.history)  # trained and returned a normal history
+    # It trained on pixels: one epoch (two with the fine-tune phase), finite losses, and the
+    # model returned is the best epoch's.
+    tuned = "fine_tune" in changes
+    assert result.phases == (["head", "fine_tune"] if tuned else ["head"])
+    assert len(result.history["loss"]) == len(result.history["val_loss"]) == 1 + tuned
+    assert all(np.isfinite(result.history["loss"] + result.history["val_loss"]))
+    assert result.best_value == pytest.approx(min(result.history["val_loss"]), rel=1e-6)
 
 
 def test_onnx_runtime_features_match_keras(prepared, backbone, caplog):
@@ -199,11 +204,11 @@ def test_onnx_runtime_features_match_keras(prepared, backbone, caplog):
     model = load_model_safely(backbone[0], compile=False)
     sample = prepared.load("train", limit=2)[0].astype(np.float32)
     for pooling in ("avg", "flatten"):
-        on_ort = tasks.train.feature_extractor(model, pooling, "onnxruntime", sample)
-        on_keras = tasks.train.feature_extractor(model, pooling, "keras")
+        on_ort = tasks.features.feature_extractor(model, pooling, "onnxruntime", sample)
+        on_keras = tasks.features.feature_extractor(model, pooling, "keras")
         assert (on_ort.engine, on_keras.engine) == ("onnxruntime", "keras")
-        fast = tasks.train.extract_features(model, prepared, "val", pooling, 16, on_ort)
-        reference = tasks.train.extract_features(model, prepared, "val", pooling, 16, on_keras)
+        fast = tasks.features.extract_features(model, prepared, "val", pooling, 16, on_ort)
+        reference = tasks.features.extract_features(model, prepared, "val", pooling, 16, on_keras)
         assert fast.shape == reference.shape == (prepared.count("val"), on_ort.width)
         np.testing.assert_allclose(fast, reference, rtol=1e-4, atol=1e-5)
     assert "using Keras" not in caplog.text
@@ -215,7 +220,7 @@ def test_a_backbone_onnx_cannot_convert_falls_back_to_keras(
     def unconvertible(*_args, **_kwargs):
         raise ValueError("tf2onnx: no converter for op FancyOp")
 
-    monkeypatch.setattr("tasks.export.keras_to_onnx", unconvertible)
+    monkeypatch.setattr(tasks.features, "keras_to_onnx", unconvertible)
     result = run_train(tmp_path, backbone, prepared, "fallback", epochs=2)
     assert result.used_feature_cache
     assert "no converter for op FancyOp" in caplog.text and "using Keras" in caplog.text
@@ -225,6 +230,6 @@ def test_a_backbone_onnx_cannot_convert_falls_back_to_keras(
 
 def test_features_that_disagree_with_keras_are_refused(caplog):
     reference = np.array([[0.5, 40.0], [3.0, -2.0]], np.float32)
-    assert tasks.train._agrees(reference + 1e-4, reference)  # float32 rounding: accepted
-    assert not tasks.train._agrees(reference + np.float32(0.1), reference)
+    assert tasks.features._agrees(reference + 1e-4, reference)  # float32 rounding: accepted
+    assert not tasks.features._agrees(reference + np.float32(0.1), reference)
     assert "ONNX Runtime differs from Keras by 0.1" in caplog.text and "using Keras" in caplog.text

@@ -18,23 +18,15 @@ import pytest
 from PIL import Image
 
 from tasks.backbone import build_backbone
+from tasks.backup import DIVERGED_MARK, check_backup, fingerprint, latest_backup, restore_backup
+from tasks.callbacks import BestCheckpoint, DivergedError, EpochBackup, ResumableEarlyStopping
 from tasks.common import StageError
 from tasks.dataset import Prepared
+from tasks.features import extract_features
 from tasks.params import with_changes
 from tasks.prepare import prepare
 from tasks.safety import load_model_safely
-from tasks.train import (
-    DIVERGED_MARK,
-    DivergedError,
-    TrainPaths,
-    _check_backup,
-    extract_features,
-    fingerprint,
-    keras_callbacks,
-    latest_backup,
-    restore_backup,
-    train,
-)
+from tasks.train import TrainPaths, train
 from tests.conftest import PARAMS
 
 SIZE = (16, 16)
@@ -119,10 +111,9 @@ def toy_data():
 
 
 def test_best_checkpoint_keeps_its_best_value_across_a_restart(tmp_path):
-    cbs = keras_callbacks()
     model = tiny_model()
     first_weights = model.get_weights()
-    checkpoint = cbs.BestCheckpoint(tmp_path, "val_loss", "head")
+    checkpoint = BestCheckpoint(tmp_path, "val_loss", "head")
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"val_loss": 0.5})
     model.set_weights([w + 1 for w in first_weights])
@@ -132,7 +123,7 @@ def test_best_checkpoint_keeps_its_best_value_across_a_restart(tmp_path):
     assert weights_equal(load_model_safely(saved, compile=False).get_weights(), first_weights)
 
     # A restarted run (a new process) reads the persisted best value...
-    restarted = cbs.BestCheckpoint(tmp_path, "val_loss", "head")
+    restarted = BestCheckpoint(tmp_path, "val_loss", "head")
     restarted.set_model(model)
     assert (restarted.best, restarted.best_epoch, restarted.path) == (0.5, 0, saved)
     restarted.on_epoch_end(2, {"val_loss": 0.6})  # ...so a worse epoch cannot overwrite it
@@ -159,16 +150,15 @@ def test_best_checkpoint_keeps_its_best_value_across_a_restart(tmp_path):
 
 
 def test_best_checkpoint_ignores_files_of_a_write_that_was_killed(tmp_path):
-    cbs = keras_callbacks()
     model = tiny_model()
-    checkpoint = cbs.BestCheckpoint(tmp_path, "val_accuracy", "head")
+    checkpoint = BestCheckpoint(tmp_path, "val_accuracy", "head")
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"val_accuracy": 0.8})
     # Killed after the new checkpoint was renamed but before the JSON moved, and mid-write:
     (tmp_path / "best-head-e0002.keras").write_bytes(checkpoint.path.read_bytes())
     (tmp_path / ".best-head-e0003.tmp.keras").write_bytes(b"PK\x03\x04 half a zip")
 
-    restarted = cbs.BestCheckpoint(tmp_path, "val_accuracy", "head")
+    restarted = BestCheckpoint(tmp_path, "val_accuracy", "head")
     assert restarted.best == 0.8 and restarted.path.name == "best-head-e0001.keras"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-head-e0001.keras", "best-head.json"]
     with pytest.raises(StageError, match="train.monitor 'val_accuracy' is not a logged metric"):
@@ -182,7 +172,6 @@ def test_best_checkpoint_ignores_files_of_a_write_that_was_killed(tmp_path):
 def test_epoch_backup_resumes_exactly_where_an_uninterrupted_run_would_be(tmp_path):
     x, y = toy_data()
     folder = tmp_path / "head"
-    cbs = keras_callbacks()
 
     reference = tiny_model()
     reference.fit(x, y, epochs=4, batch_size=16, shuffle=False, verbose=0)
@@ -190,7 +179,7 @@ def test_epoch_backup_resumes_exactly_where_an_uninterrupted_run_would_be(tmp_pa
     interrupted = tiny_model()
     interrupted.fit(
         x, y, epochs=2, batch_size=16, shuffle=False, verbose=0,
-        callbacks=[cbs.EpochBackup(folder, {})],
+        callbacks=[EpochBackup(folder, {})],
     )  # fmt: skip
     assert latest_backup(folder)[0] == 2
     (folder / ".epoch-0003.tmp.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
@@ -202,7 +191,7 @@ def test_epoch_backup_resumes_exactly_where_an_uninterrupted_run_would_be(tmp_pa
     assert weights_equal(resumed.optimizer.variables, interrupted.optimizer.variables)
     resumed.fit(
         x, y, epochs=4, initial_epoch=done, batch_size=16, shuffle=False, verbose=0,
-        callbacks=[cbs.EpochBackup(folder, history)],
+        callbacks=[EpochBackup(folder, history)],
     )  # fmt: skip
     # Weights, Adam moments and Dropout's generator state were all restored: the resumed
     # run ends exactly where the uninterrupted one did.
@@ -213,7 +202,6 @@ def test_epoch_backup_resumes_exactly_where_an_uninterrupted_run_would_be(tmp_pa
 
 def test_early_stopping_patience_counts_the_epochs_before_a_resume():
     """Patience 2, val_loss 1.0, 0.5, 0.6 before the kill: one more bad epoch must stop."""
-    cbs = keras_callbacks()
     earlier = {"val_loss": [1.0, 0.5, 0.6], "loss": [1.0, 0.8, 0.7]}
 
     def stops_after(callback) -> bool:
@@ -225,13 +213,13 @@ def test_early_stopping_patience_counts_the_epochs_before_a_resume():
         callback.on_epoch_end(3, {"val_loss": 0.7})
         return bool(model.stop_training)
 
-    resumed = cbs.ResumableEarlyStopping(earlier, monitor="val_loss", patience=2, mode="min")
+    resumed = ResumableEarlyStopping(earlier, monitor="val_loss", patience=2, mode="min")
     assert stops_after(resumed)
     assert resumed.best == 0.5 and resumed.best_epoch == 1
     # Keras' own callback forgets epochs 1-3 and would train on.
     assert not stops_after(keras.callbacks.EarlyStopping("val_loss", patience=2, mode="min"))
     # Nothing before the resume: the same as Keras' callback.
-    fresh = cbs.ResumableEarlyStopping({}, monitor="val_loss", patience=2, mode="min")
+    fresh = ResumableEarlyStopping({}, monitor="val_loss", patience=2, mode="min")
     assert not stops_after(fresh) and fresh.best == 0.7
 
 
@@ -285,18 +273,18 @@ def test_fingerprint_covers_settings_backbone_and_classes_but_not_the_epoch_budg
 
 def test_a_backup_of_other_settings_is_refused_and_left_alone(tmp_path):
     backup = tmp_path / "backup"
-    _check_backup(backup, "run-one")
+    check_backup(backup, "run-one")
     (backup / "head").mkdir()
     (backup / "head" / "epoch-0002.weights.h5").write_bytes(b"weights of run one")
     before = {p: p.read_bytes() for p in backup.rglob("*") if p.is_file()}
 
     with pytest.raises(StageError, match="other settings.*rm -rf .*backup"):
-        _check_backup(backup, "run-two")
+        check_backup(backup, "run-two")
     assert {p: p.read_bytes() for p in backup.rglob("*") if p.is_file()} == before
 
-    _check_backup(backup, "run-one")  # the same settings resume
+    check_backup(backup, "run-one")  # the same settings resume
     (backup / DIVERGED_MARK).write_text("diverged")
-    _check_backup(backup, "run-two")  # a diverged run's backup is discarded instead
+    check_backup(backup, "run-two")  # a diverged run's backup is discarded instead
     assert sorted(p.name for p in backup.iterdir()) == ["fingerprint.txt"]
     assert (backup / "fingerprint.txt").read_text() == "run-two\n"
 
@@ -390,6 +378,62 @@ def test_fine_tuning_runs_a_second_phase(prepared, backbone_file, tmp_path):
         "fine_tune.done.json",
         "head.done.json",
     ]
+
+
+def batchnorm_backbone(path):
+    """A small backbone shaped like build_backbone's, standing in for a pretrained one.
+
+    Preprocessing, then a nested base model ``base`` of two conv + BatchNorm blocks whose
+    BatchNorm statistics and scales are not Keras' defaults (as after ImageNet training),
+    so any update to them shows.
+    """
+    from tasks.layers import Preprocess
+
+    keras.utils.set_random_seed(3)
+    x = base_input = keras.Input((*SIZE, 3))
+    for index in (1, 2):
+        x = keras.layers.Conv2D(4, 3, padding="same", name=f"conv{index}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{index}")(x)
+        x = keras.layers.ReLU(name=f"relu{index}")(x)
+    base = keras.Model(base_input, x, name="base")
+    rng = np.random.default_rng(3)
+    for name in ("bn1", "bn2"):
+        shape = base.get_layer(name).gamma.shape
+        gamma, beta = rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.5, shape)
+        mean, variance = rng.normal(0, 0.5, shape), rng.uniform(0.5, 2.0, shape)
+        base.get_layer(name).set_weights([gamma, beta, mean, variance])
+    pixels = keras.Input((*SIZE, 3), name="pixels")
+    model = keras.Model(pixels, base(Preprocess("rescale", name="preprocess")(pixels)))
+    model.save(path)
+    return load_model_safely(path, compile=False), {"pretrained": True, "base_layer": "base"}
+
+
+def test_fine_tuning_keeps_batchnorm_frozen_and_trains_the_top_conv_layers(prepared, tmp_path):
+    backbone, info = batchnorm_backbone(tmp_path / "backbone.keras")
+    base = backbone.get_layer("base")
+    before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in base.layers}
+    # The head barely learns (tiny learning rate), so the fine-tune phase (top 3 layers of
+    # the base: conv2, bn2, relu2) improves on it and its weights are the ones returned.
+    params = with_changes(PARAMS.train,
+        epochs=1, batch_size=16, learning_rate=1e-5, dense_units=0, dropout=0.0,
+        fine_tune={"enabled": True, "layers": 3, "epochs": 2, "learning_rate": 0.01},
+    )  # fmt: skip
+    paths = TrainPaths(model=tmp_path / "m.keras", backup=tmp_path / "backup")
+
+    result = train(params, backbone, info, prepared, paths, tmp_path / "backbone.keras")
+
+    assert result.phases == ["head", "fine_tune"]
+    assert (paths.backup / "best-fine_tune.json").exists(), result.history  # it improved
+    trained = result.model.get_layer(backbone.name).get_layer("base")
+    for name in ("bn1", "bn2"):  # bn2 is in the unfrozen top layers, and stays frozen
+        layer = trained.get_layer(name)
+        assert not layer.trainable
+        # gamma, beta, moving mean and variance, each exactly as "pretrained"
+        assert weights_equal(layer.get_weights(), before[name]), name
+    assert trained.get_layer("conv2").trainable
+    assert not weights_equal(trained.get_layer("conv2").get_weights(), before["conv2"])
+    assert not trained.get_layer("conv1").trainable  # below the top 3 layers
+    assert weights_equal(trained.get_layer("conv1").get_weights(), before["conv1"])
 
 
 def test_nan_loss_stops_training_and_marks_the_backup(prepared, backbone_file, tmp_path):
