@@ -27,6 +27,7 @@ import yaml
 from tasks.fetch import cache_name, fetch
 from tasks.params import with_changes
 from tests.conftest import BIN, PARAMS, run, set_params, write_params
+from tests.faults import pause_train_after_first_batch
 from tests.httpserver import FileServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,30 +179,6 @@ def test_sigkill_during_download(tmp_path: Path, after_kill: str) -> None:
 
 # -- 3. kill dvc repro mid-stage ------------------------------------------------------------
 
-# Put on the PYTHONPATH of a `dvc repro` the test kills, as sitecustomize.py (which Python
-# imports at start-up): in the train stage's process only (`python -m tasks.train`, which
-# DVC starts), the first training batch publishes a marker file and then waits, so the kill
-# lands mid-epoch however fast the machine. Every other Python process (dvc itself) is left
-# alone. The wait outlasts the test's own patience, so only the test's kill ends it.
-PAUSE_TRAIN_AFTER_FIRST_BATCH = r"""
-import os, sys, threading
-
-if "tasks.train" in sys.orig_argv:
-    import keras
-
-    original = keras.callbacks.CallbackList.on_train_batch_end
-
-    def on_train_batch_end(self, batch, logs=None):
-        original(self, batch, logs)
-        marker = os.environ["TLP_TEST_PAUSED"]
-        with open(marker + ".tmp", "w") as handle:
-            handle.write(str(os.getpid()))
-        os.replace(marker + ".tmp", marker)
-        threading.Event().wait(900)
-
-    keras.callbacks.CallbackList.on_train_batch_end = on_train_batch_end
-"""
-
 
 def start_repro(project: Path, log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     with open(log, "w") as handle:
@@ -234,16 +211,10 @@ def test_sigkill_dvc_repro_while_train_runs(built_project: Path, tmp_path: Path)
     locked = yaml.safe_load(lock_before)["stages"]["train"]["params"]["params.yaml"]
     epochs = locked["train"]["epochs"]
     set_params(project, {"train": {"epochs": epochs + 2}})
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(PAUSE_TRAIN_AFTER_FIRST_BATCH)
-    paused = tmp_path / "train-paused"
+    env, paused = pause_train_after_first_batch(tmp_path / "hooks", project)
 
     log = tmp_path / "killed-repro.log"
-    proc = start_repro(
-        project, log,
-        env={"PYTHONPATH": f"{hooks}{os.pathsep}{project}", "TLP_TEST_PAUSED": str(paused)},
-    )  # fmt: skip
+    proc = start_repro(project, log, env=env)
     try:
         wait_for(paused.is_file, "the train stage's first batch", 300, proc)
         train_pid = int(paused.read_text())
