@@ -4,8 +4,8 @@ Keras' own callbacks fall short of that in three ways (see docs/reliability.md):
 ``ModelCheckpoint`` forgets its best value on restart, ``BackupAndRestore`` overwrites its
 backup in place (a kill mid-write leaves one that cannot be loaded) and leaves out the
 random-generator state, and ``EarlyStopping`` restarts its patience. The classes here keep
-their state in the backup folder (:mod:`tasks.backup`), every file written under a
-temporary name and renamed when complete:
+their state in the backup folder (:mod:`tasks.backup`) or read it from there; every file
+is written under a temporary name and renamed when complete:
 
 * :class:`BestCheckpoint`: the best epoch of a phase, with its value;
 * :class:`EpochBackup`: weights, optimizer and generator state after every epoch, and the

@@ -3,10 +3,10 @@
 * Pretrained backbone: frozen, called with ``training=False`` (BatchNorm stays in inference
   mode, also when fine-tuning). With ``train.feature_cache`` (and no augmentation or
   fine-tuning) the backbone's pooled features are computed once, stored under
-  ``--features`` keyed by backbone, data, pooling and engine, and the head trains on them.
-  The extraction runs on ONNX Runtime (``train.feature_engine``: the backbone is converted
-  with tf2onnx and checked against Keras on the first batch), 1.3-2x faster than Keras on
-  CPU; Keras takes over if the conversion fails.
+  ``--features`` keyed by backbone, data, pooling and engine, and the head trains on them
+  (:mod:`tasks.features`). The extraction runs on ONNX Runtime (``train.feature_engine``:
+  the backbone is converted with tf2onnx and checked against Keras on a sample), 1.3-2x
+  faster than Keras on CPU; Keras takes over if the conversion fails.
 * ``backbone.weights: none``: the backbone trains with the head (from scratch).
 * Optional phase 2 (``train.fine_tune``): unfreeze the top N backbone layers (BatchNorm
   stays frozen), recompile at a lower learning rate, continue.
@@ -14,7 +14,8 @@
 Each phase checkpoints the best epoch (``ModelCheckpoint(save_best_only=True)`` semantics,
 crash-safe, best value persisted) and keeps a per-epoch backup of weights and optimizer
 state (a crash-safe ``BackupAndRestore``), so a killed run resumes from its last complete
-epoch (:mod:`tasks.callbacks` write the backup, :mod:`tasks.backup` reads and guards it).
+epoch (the callbacks of :mod:`tasks.callbacks` write the backup; :mod:`tasks.backup`
+reads it back and guards it).
 A backup made with other settings is refused, not mixed in; a run whose loss turns NaN/inf
 stops with an error and writes no model.
 """
