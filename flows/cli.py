@@ -6,6 +6,7 @@
 ``tlp server``                   the Prefect dashboard on http://127.0.0.1:4200
 ``tlp serve [--cron|--interval]`` serve the flow as a (scheduled) deployment
 ``tlp predict ...``              ``tasks.predict`` (argv forwarded as is)
+``tlp explain IMAGE...``         ``tasks.explain``: Grad-CAM overlay PNGs
 ``tlp preset [NAME]``            ``flows.presets``: list presets, or merge one into params.yaml
 
 Prefect, DVC and TensorFlow are imported inside the subcommands, never here, so that
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["predict"]:  # its own parser handles everything after "predict"
         return _predict(argv[1:])
+    if argv[:1] == ["explain"]:  # Grad-CAM overlays; imports TensorFlow only when run
+        from tasks.explain import main as explain_main
+
+        return explain_main(argv[1:])
     if argv[:1] == ["preset"]:
         from flows.presets import main as preset_main
 
@@ -99,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "predict", help="classify images with the exported model (see: tlp predict --help)"
+    )
+    commands.add_parser(
+        "explain", help="Grad-CAM overlays: where the model looked (see: tlp explain --help)"
     )
     commands.add_parser("preset", help="list the presets, or merge one into params.yaml")
     return parser

@@ -109,10 +109,10 @@ def save_model(model: Any, target: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically, sorted and indented so diffs stay readable."""
+def write_json(path: str | Path, data: Any, *, sort_keys: bool = True) -> None:
+    """Write JSON atomically, indented (and sorted, unless the order matters) for readable diffs."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
 def read_json(path: str | Path) -> Any:

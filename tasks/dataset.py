@@ -100,6 +100,13 @@ class Prepared:
         for start in range(0, len(order), batch_size):
             yield reader.gather(order[start : start + batch_size])
 
+    def take(self, split: str, indices: np.ndarray) -> np.ndarray:
+        """The images at ``indices`` (positions in the split, manifest order), uint8."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0:
+            return np.empty((0, *self.image_size, 3), np.uint8)
+        return self._reader(split).gather(indices)[0]
+
     def load(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """A whole (small) split in memory: for parity checks and tests."""
         parts = list(self.batches(split, 1024, limit=limit))

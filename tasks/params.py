@@ -208,8 +208,16 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     """Metrics on the test split (``evaluate`` section)."""
 
-    top_k: int = Field(..., ge=1)
+    top_k: int = Field(..., ge=1, description="top-k accuracy, reported when k < classes")
     batch_size: int = Field(..., ge=1)
+    allow_weak: bool = Field(
+        ..., description="write a model no better than guessing, with warnings, instead of failing"
+    )
+    min_accuracy: float | None = Field(..., ge=0.0, le=1.0)
+    min_macro_f1: float | None = Field(..., ge=0.0, le=1.0)
+    explain: int = Field(..., ge=0, le=64, description="test images in plots/explain.png")
+    explain_layer: str | None = Field(..., description="layer for Grad-CAM; null: the last conv")
+    errors: int = Field(..., ge=0, le=64, description="images in plots/errors.png")
 
 
 class ExportParams(_Section):
