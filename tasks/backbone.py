@@ -8,13 +8,15 @@ CNN. The saved model takes raw RGB pixels (0..255) and returns a feature map.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import re
+import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.common import atomic_path, log, run_stage, write_json
+from tasks.common import atomic_path, log, run_stage, sha256_file, write_json
 from tasks.params import BackboneParams, SimpleCnnParams, load_params
 
 
@@ -125,15 +127,6 @@ class BackboneInfo:
         }
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _simple_cnn(params: SimpleCnnParams, image_size: tuple[int, int]):
     import keras
 
@@ -165,22 +158,30 @@ def _simple_cnn(params: SimpleCnnParams, image_size: tuple[int, int]):
     return keras.Model(inputs, x, name=SIMPLE_CNN)
 
 
-def _check_weights_file(path: Path) -> None:
+def _weights_file(weights: str, weights_dir: Path | None) -> Path:
     from tasks.safety import check_model_file
 
-    if not path.is_file():
+    path = Path(weights_dir or "", weights)
+    if weights_dir is None or not path.is_file():
         raise ValueError(
-            f"backbone.weights {str(path)!r} is not 'imagenet', 'none' or an existing weights file"
+            f"backbone.weights {weights!r} is not 'imagenet', 'none' or a weights file in "
+            f"{weights_dir or 'the weights folder'}; copy or link the file there and set "
+            "backbone.weights to its name"
         )
     check_model_file(path)
+    return path
 
 
-def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
+def build_backbone(
+    params: BackboneParams, image_size: tuple[int, int], weights_dir: Path | None = None
+):
     """Build the feature extractor with its preprocessing inside.
 
     Args:
         params: the ``backbone`` section.
         image_size: ``prepare.image_size`` (height, width).
+        weights_dir: the folder ``backbone.weights`` names a file in (``data/weights``);
+            not needed for ``imagenet`` and ``none``.
 
     Returns:
         ``(model, info)``: a Keras model from raw RGB pixels to a feature map, and its
@@ -192,11 +193,11 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
     # Everything that can be checked without TensorFlow is checked first: a typo fails in a
     # second, and an unsafe weights file is refused before any Keras loader sees it.
     arch = resolve_arch(params.arch)
-    weights = params.weights.strip()
+    weights = params.weights
     height, width = image_size
     weights_sha = None
     if arch == SIMPLE_CNN:
-        if weights.lower() not in ("none", ""):
+        if weights != "none":
             raise ValueError(
                 "backbone.weights must be 'none' for simple_cnn (it is trained from scratch); "
                 f"got {weights!r}"
@@ -208,9 +209,9 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
                 f"{arch} needs images of at least {spec.min_size}x{spec.min_size}; "
                 f"prepare.image_size is {list(image_size)}. Raise prepare.image_size."
             )
-        if weights.lower() not in ("imagenet", "none", ""):
-            _check_weights_file(Path(weights))
-            weights_sha = sha256_file(Path(weights))
+        if weights not in ("imagenet", "none"):
+            weights_file = _weights_file(weights, weights_dir)
+            weights_sha = sha256_file(weights_file)
 
     import keras
 
@@ -223,12 +224,12 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
         base = _simple_cnn(params.simple_cnn, image_size)
         preprocessing, pretrained, weights = "rescale", False, "none"
     else:
-        if weights.lower() == "imagenet":
+        if weights == "imagenet":
             keras_weights, pretrained = "imagenet", True
-        elif weights.lower() in ("none", ""):
-            keras_weights, pretrained, weights = None, False, "none"
+        elif weights == "none":
+            keras_weights, pretrained = None, False
         else:
-            keras_weights, pretrained = weights, True
+            keras_weights, pretrained = str(weights_file), True
         constructor = getattr(keras.applications, spec.constructor)
         try:
             base = constructor(
@@ -245,7 +246,8 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
                 raise ValueError(
                     f"could not download the imagenet weights of {arch} ({exc}). Offline, put "
                     "the file named in that URL into $KERAS_HOME/models/ (default "
-                    "~/.keras/models/), or set backbone.weights to a local weights file"
+                    "~/.keras/models/), or copy a weights file into the weights folder and set "
+                    "backbone.weights to its name"
                 ) from None
             raise
         preprocessing = spec.preprocessing
@@ -265,29 +267,73 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
     return model, info
 
 
+# A fixed date for every member of a saved .keras zip: the earliest a zip can hold.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def save_keras(model, path: Path) -> None:
+    """Save ``model`` as a ``.keras`` file whose bytes depend on the model only.
+
+    ``model.save`` records the save date (in ``metadata.json`` and in the zip entries) and
+    object ids (``shared_object_id`` in ``config.json``); both change on every run, so an
+    unchanged backbone would look changed to DVC and re-run everything downstream. They are
+    rewritten: no date, fixed entry times, ids numbered in order of appearance (Keras uses
+    them only to match shared objects within the file).
+    """
+    with atomic_path(path) as tmp:
+        keras_path = tmp.with_suffix(".keras")  # Keras insists on the extension
+        try:
+            model.save(keras_path)
+            with zipfile.ZipFile(keras_path) as source, zipfile.ZipFile(tmp, "w") as target:
+                for info in source.infolist():
+                    entry = zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH)
+                    entry.compress_type = info.compress_type
+                    if info.filename in ("metadata.json", "config.json"):
+                        target.writestr(entry, _stable_json(source.read(info)))
+                        continue
+                    big = info.file_size >= zipfile.ZIP64_LIMIT
+                    with source.open(info) as reader, target.open(entry, "w", force_zip64=big) as writer:  # fmt: skip
+                        shutil.copyfileobj(reader, writer, 1 << 20)
+        finally:
+            keras_path.unlink(missing_ok=True)
+
+
+def _stable_json(data: bytes) -> str:
+    ids: dict[int, int] = {}
+
+    def renumber(node):
+        if isinstance(node, dict):
+            node.pop("date_saved", None)
+            if isinstance(node.get("shared_object_id"), int):
+                node["shared_object_id"] = ids.setdefault(node["shared_object_id"], len(ids) + 1)
+            for value in node.values():
+                renumber(value)
+        elif isinstance(node, list):
+            for value in node:
+                renumber(value)
+        return node
+
+    return json.dumps(renumber(json.loads(data)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tasks.backbone --out models/backbone.keras --info models/backbone.json``."""
+    """``python -m tasks.backbone --weights-dir data/weights --out ... --info ...``."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--weights-dir", required=True, type=Path, help="data/weights")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--info", required=True, type=Path)
     args = parser.parse_args(argv)
 
     def body() -> None:
         params = load_params(args.params)
-        model, info = build_backbone(params.backbone, params.prepare.image_size)
+        model, info = build_backbone(params.backbone, params.prepare.image_size, args.weights_dir)
         log.info(
             "backbone %s (weights=%s, preprocessing=%s): %d layers, %d params, features %s",
             info.arch, info.weights, info.preprocessing, len(model.layers),
             model.count_params(), info.feature_shape,
         )  # fmt: skip
-        with atomic_path(args.out) as tmp:
-            keras_path = tmp.with_suffix(".keras")  # Keras insists on the extension
-            try:
-                model.save(keras_path)
-                keras_path.replace(tmp)
-            finally:
-                keras_path.unlink(missing_ok=True)
+        save_keras(model, args.out)
         write_json(args.info, info.to_json())
 
     return run_stage("backbone", body)
