@@ -39,7 +39,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -112,7 +112,7 @@ class IdxDescriptor(_Strict):
 
 
 Descriptor = DigitsDescriptor | IdxDescriptor
-_DESCRIPTOR = TypeAdapter(Descriptor)
+_DESCRIPTOR = TypeAdapter(Annotated[Descriptor, Field(discriminator="kind")])
 
 
 def is_descriptor(source: str) -> bool:
