@@ -183,12 +183,12 @@ class BackboneParams(_Section):
         if value in ("imagenet", "none"):
             return value
         if value.strip().lower() in ("imagenet", "none", ""):
-            raise ValueError(f"must be imagenet or none, in lower case, got {value!r}")
+            raise ValueError("must be imagenet or none, in lower case")
         path = PurePosixPath(value.replace("\\", "/"))
         if path.is_absolute() or ".." in path.parts or value.startswith("~"):
             raise ValueError(
-                f"must be imagenet, none, or the name of a file in data/weights/, got {value!r}; "
-                "copy or link the file into data/weights/ and set backbone.weights to its name"
+                "must be imagenet, none, or the name of a file in data/weights/; copy or link "
+                "the file into data/weights/ and set backbone.weights to its name"
             )
         return value
 
