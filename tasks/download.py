@@ -67,12 +67,10 @@ class Download:
     Attributes:
         path: the cached file.
         sha256: its sha256.
-        reused: whether it was already in the cache (pinned, or answered 304).
     """
 
     path: Path
     sha256: str
-    reused: bool
 
 
 class _CutOff(Exception):
@@ -87,7 +85,7 @@ def cache_name(url: str, sha256: str | None = None) -> str:
     return f"{url_hash}-{sha256.lower()[:16]}-{base}" if sha256 else f"{url_hash}-{base}"
 
 
-def hopeless(error: BaseException | None, host: str | None) -> str | None:
+def _hopeless(error: BaseException | None, host: str | None) -> str | None:
     """Why no retry can fix ``error`` (``"could not resolve host X"``), or ``None``.
 
     Args:
@@ -110,11 +108,11 @@ def hopeless(error: BaseException | None, host: str | None) -> str | None:
 
 
 class _Retry(Retry):
-    """urllib3's ``Retry``, except that errors :func:`hopeless` names are raised at once."""
+    """urllib3's ``Retry``, except that errors :func:`_hopeless` names are raised at once."""
 
     def increment(self, method=None, url=None, response=None, error=None, **kwargs):
         _pool = kwargs.get("_pool")
-        if hopeless(error, getattr(_pool, "host", None)):
+        if _hopeless(error, getattr(_pool, "host", None)):
             raise MaxRetryError(_pool, url or "", error) from error
         return super().increment(method, url, response, error, **kwargs)
 
@@ -177,7 +175,7 @@ def download(
             if attempt:
                 time.sleep(min(backoff_s * 2**attempt, BACKOFF_MAX_S))
             try:
-                digest = _get(session, target, timeout_s, _conditional_headers(cached))
+                digest = _get(session, target, timeout_s, _conditional_headers(target, cached))
             except _CutOff as exc:
                 log.warning("download of %s cut off (attempt %d of %d): %s", url, attempt + 1, retries + 1, exc)  # fmt: skip
                 reason: object = exc
@@ -185,7 +183,7 @@ def download(
             except requests.RequestException as exc:
                 reason = exc.args[0] if exc.args else exc
                 reason = getattr(reason, "reason", reason)  # MaxRetryError: the last error
-                why = hopeless(reason, urlsplit(url).hostname)  # type: ignore[arg-type]
+                why = _hopeless(reason, urlsplit(url).hostname)  # type: ignore[arg-type]
                 if why:
                     message = f"{why}: {reason}. Check {hint} ({url}) and the network."
                     raise StageError(message) from None
@@ -193,7 +191,7 @@ def download(
             if digest is None:  # 304: conditional requests are only sent for a cached copy
                 log.info("%s has not changed (HTTP 304); using the cached download", url)
                 return cached
-            return Download(target.final, digest, reused=False)
+            return Download(target.final, digest)
     raise TransientError(
         f"could not download {url} after {retries + 1} attempts: {reason}. Check the network "
         f"and {hint}; raise fetch.retries or fetch.timeout_s for a slow or flaky link."
@@ -296,16 +294,15 @@ def _cached(target: _Target) -> Download | None:
         log.warning("cached %s has sha256 %s, not %s; downloading again", target.final, digest, target.expected)  # fmt: skip
         target.final.unlink()
         return None
-    return Download(target.final, digest, reused=True)
+    return Download(target.final, digest)
 
 
-def _conditional_headers(cached: Download | None) -> dict[str, str]:
+def _conditional_headers(target: _Target, cached: Download | None) -> dict[str, str]:
     """``If-None-Match`` / ``If-Modified-Since`` for a cached copy whose validators are known."""
     if cached is None:
         return {}
-    sidecar = cached.path.with_name(cached.path.name + ".json")
     try:
-        meta = read_json(sidecar)
+        meta = read_json(target.sidecar)
     except (OSError, ValueError):
         return {}
     if not isinstance(meta, dict) or meta.get("sha256") != cached.sha256:

@@ -145,7 +145,7 @@ def fetch(params: FetchParams, out: Path, cache_dir: Path) -> FetchResult:
 
 
 def _local_source(value: str, out: Path) -> Path:
-    path = Path(value).expanduser()
+    path = Path(value)
     if not path.exists():
         raise StageError(
             f"fetch.source {value!r} does not exist ({path.absolute()}); give an existing "

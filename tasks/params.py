@@ -100,6 +100,8 @@ class FetchParams(_Section):
             raise ValueError(
                 "must not be empty; use data/builtin/digits.yaml, a URL, or a local path"
             )
+        if value.startswith("~"):
+            raise ValueError("write the full path: DVC, which tracks the source, does not expand ~")
         if value.startswith("builtin:"):
             name = value.removeprefix("builtin:")
             raise ValueError(

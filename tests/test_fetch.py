@@ -123,9 +123,11 @@ def test_builtin_digits(tmp_path: Path) -> None:
     assert tree(out) == before
 
 
-def test_old_builtin_names_are_refused_naming_the_descriptor() -> None:
+def test_old_builtin_names_and_home_folders_are_refused_by_the_params() -> None:
     with pytest.raises(ParamsError, match="use data/builtin/mnist.yaml"):
         fetch_params(source="builtin:mnist")
+    with pytest.raises(ParamsError, match="write the full path"):
+        fetch_params(source="~/images")
 
 
 def test_an_invalid_descriptor_names_its_problems(tmp_path: Path) -> None:
