@@ -32,7 +32,7 @@ from bench.common import (
 
 DATASET = Path("/usr/share/datasets/fashion-mnist")
 FALLBACK = {
-    "fetch": {"source": "builtin:fashion-mnist"},
+    "fetch": {"source": "data/builtin/fashion-mnist.yaml"},
     "prepare": {"image_size": [28, 28], "min_images_per_class": 100, "shard_size": 4096},
     "backbone": {"arch": "simple_cnn", "weights": "none"},
     "train": {"epochs": 8, "batch_size": 128, "pooling": "flatten", "dense_units": 128},

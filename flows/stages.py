@@ -68,8 +68,8 @@ class Stage:
         upstream: the stages whose outputs it depends on, directly or not.
         stale: whether ``dvc status`` reports it changed.
         reason: why it is stale ("" when it is up to date).
-        force: its outside source changed behind an unchanged param (see
-            :mod:`flows.freshness`): DVC cannot see that, so the stage runs with ``-f``.
+        force: run the stage with ``-f`` (``read_pipeline`` never sets it: DVC itself
+            tracks the outside sources, see ``dvc.yaml``).
     """
 
     name: str
@@ -170,19 +170,13 @@ def read_pipeline(root: Path) -> Pipeline:
     except LockError:
         raise DvcBusyError(DVC_BUSY_MESSAGE) from None
 
-    from flows.freshness import stale_sources
-
-    forced = {source.stage: source.reason for source in stale_sources(root)}
     locked = _read_lock(root)
     result = []
     for stage in ordered:
         name = stage.name
         entries = status.get(name)
         reason = describe_status(name, entries, locked, root) if entries else ""
-        if name in forced:
-            reason = "; ".join(filter(None, [reason, forced[name]]))
-        stale = bool(entries) or name in forced
-        result.append(Stage(name, needs[name], upstream[name], stale, reason, name in forced))
+        result.append(Stage(name, needs[name], upstream[name], bool(entries), reason))
     return Pipeline(root, tuple(result), metrics, plots, tuple(uncached), scm)
 
 

@@ -8,13 +8,12 @@ CNN. The saved model takes raw RGB pixels (0..255) and returns a feature map.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.common import log, run_stage, save_model, write_json
+from tasks.common import log, run_stage, save_model, sha256_file, write_json
 from tasks.params import BackboneParams, SimpleCnnParams, load_params
 
 
@@ -125,15 +124,6 @@ class BackboneInfo:
         }
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _simple_cnn(params: SimpleCnnParams, image_size: tuple[int, int]):
     import keras
 
@@ -165,22 +155,30 @@ def _simple_cnn(params: SimpleCnnParams, image_size: tuple[int, int]):
     return keras.Model(inputs, x, name=SIMPLE_CNN)
 
 
-def _check_weights_file(path: Path) -> None:
+def _weights_file(weights: str, weights_dir: Path | None) -> Path:
     from tasks.safety import check_model_file
 
-    if not path.is_file():
+    path = Path(weights_dir or "", weights)
+    if weights_dir is None or not path.is_file():
         raise ValueError(
-            f"backbone.weights {str(path)!r} is not 'imagenet', 'none' or an existing weights file"
+            f"backbone.weights {weights!r} is not 'imagenet', 'none' or a weights file in "
+            f"{weights_dir or 'the weights folder'}; copy or link the file there and set "
+            "backbone.weights to its name"
         )
     check_model_file(path)
+    return path
 
 
-def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
+def build_backbone(
+    params: BackboneParams, image_size: tuple[int, int], weights_dir: Path | None = None
+):
     """Build the feature extractor with its preprocessing inside.
 
     Args:
         params: the ``backbone`` section.
         image_size: ``prepare.image_size`` (height, width).
+        weights_dir: the folder ``backbone.weights`` names a file in (``data/weights``);
+            not needed for ``imagenet`` and ``none``.
 
     Returns:
         ``(model, info)``: a Keras model from raw RGB pixels to a feature map, and its
@@ -192,11 +190,11 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
     # Everything that can be checked without TensorFlow is checked first: a typo fails in a
     # second, and an unsafe weights file is refused before any Keras loader sees it.
     arch = resolve_arch(params.arch)
-    weights = params.weights.strip()
+    weights = params.weights
     height, width = image_size
     weights_sha = None
     if arch == SIMPLE_CNN:
-        if weights.lower() not in ("none", ""):
+        if weights != "none":
             raise ValueError(
                 "backbone.weights must be 'none' for simple_cnn (it is trained from scratch); "
                 f"got {weights!r}"
@@ -208,9 +206,9 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
                 f"{arch} needs images of at least {spec.min_size}x{spec.min_size}; "
                 f"prepare.image_size is {list(image_size)}. Raise prepare.image_size."
             )
-        if weights.lower() not in ("imagenet", "none", ""):
-            _check_weights_file(Path(weights))
-            weights_sha = sha256_file(Path(weights))
+        if weights not in ("imagenet", "none"):
+            weights_file = _weights_file(weights, weights_dir)
+            weights_sha = sha256_file(weights_file)
 
     import keras
 
@@ -223,12 +221,12 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
         base = _simple_cnn(params.simple_cnn, image_size)
         preprocessing, pretrained, weights = "rescale", False, "none"
     else:
-        if weights.lower() == "imagenet":
+        if weights == "imagenet":
             keras_weights, pretrained = "imagenet", True
-        elif weights.lower() in ("none", ""):
-            keras_weights, pretrained, weights = None, False, "none"
+        elif weights == "none":
+            keras_weights, pretrained = None, False
         else:
-            keras_weights, pretrained = weights, True
+            keras_weights, pretrained = str(weights_file), True
         constructor = getattr(keras.applications, spec.constructor)
         try:
             base = constructor(
@@ -245,7 +243,8 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
                 raise ValueError(
                     f"could not download the imagenet weights of {arch} ({exc}). Offline, put "
                     "the file named in that URL into $KERAS_HOME/models/ (default "
-                    "~/.keras/models/), or set backbone.weights to a local weights file"
+                    "~/.keras/models/), or copy a weights file into the weights folder and set "
+                    "backbone.weights to its name"
                 ) from None
             raise
         preprocessing = spec.preprocessing
@@ -266,16 +265,17 @@ def build_backbone(params: BackboneParams, image_size: tuple[int, int]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tasks.backbone --out models/backbone.keras --info models/backbone.json``."""
+    """``python -m tasks.backbone --weights-dir data/weights --out ... --info ...``."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--weights-dir", required=True, type=Path, help="data/weights")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--info", required=True, type=Path)
     args = parser.parse_args(argv)
 
     def body() -> None:
         params = load_params(args.params)
-        model, info = build_backbone(params.backbone, params.prepare.image_size)
+        model, info = build_backbone(params.backbone, params.prepare.image_size, args.weights_dir)
         log.info(
             "backbone %s (weights=%s, preprocessing=%s): %d layers, %d params, features %s",
             info.arch, info.weights, info.preprocessing, len(model.layers),

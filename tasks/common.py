@@ -92,21 +92,61 @@ def remove(path: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def save_model(model: Any, target: str | Path) -> None:
-    """Save a Keras model to ``target`` whole or not at all: to a hidden sibling, then renamed.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold
 
-    Keras insists on the ``.keras`` extension, so the temporary file is ``.<stem>.tmp.keras``
-    beside ``target``. Its name is fixed: a file left by a killed save is never read, and
-    the next save overwrites it.
+
+def save_model(model: Any, target: str | Path) -> None:
+    """Save a Keras model to ``target`` whole or not at all, with bytes that depend on it only.
+
+    Keras insists on the ``.keras`` extension, so Keras writes ``.<stem>.tmp.keras`` beside
+    ``target`` (a fixed name: a file left by a killed save is never read, and the next save
+    overwrites it), which is then rewritten to ``target`` through :func:`atomic_path`.
+
+    ``model.save`` records the save date (in ``metadata.json`` and in the zip entries) and
+    object ids (``shared_object_id`` in ``config.json``); both change on every run, so an
+    unchanged model would look changed to DVC and re-run everything downstream. They are
+    rewritten: no date, fixed entry times, ids numbered in order of appearance (Keras uses
+    them only to match shared objects within the file).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp.keras")
+    keras_path = target.with_name(f".{target.stem}.tmp.keras")
     try:
-        model.save(tmp)
-        os.replace(tmp, target)
+        model.save(keras_path)
+        with (
+            atomic_path(target) as tmp,
+            zipfile.ZipFile(keras_path) as source,
+            zipfile.ZipFile(tmp, "w") as rewritten,
+        ):
+            for info in source.infolist():
+                entry = zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH)
+                entry.compress_type = info.compress_type
+                if info.filename in ("metadata.json", "config.json"):
+                    rewritten.writestr(entry, _stable_json(source.read(info)))
+                    continue
+                big = info.file_size >= zipfile.ZIP64_LIMIT
+                with source.open(info) as reader, rewritten.open(entry, "w", force_zip64=big) as writer:  # fmt: skip
+                    shutil.copyfileobj(reader, writer, 1 << 20)
     finally:
-        tmp.unlink(missing_ok=True)
+        keras_path.unlink(missing_ok=True)
+
+
+def _stable_json(data: bytes) -> str:
+    ids: dict[int, int] = {}
+
+    def renumber(node: Any) -> Any:
+        if isinstance(node, dict):
+            node.pop("date_saved", None)
+            if isinstance(node.get("shared_object_id"), int):
+                node["shared_object_id"] = ids.setdefault(node["shared_object_id"], len(ids) + 1)
+            for value in node.values():
+                renumber(value)
+        elif isinstance(node, list):
+            for value in node:
+                renumber(value)
+        return node
+
+    return json.dumps(renumber(json.loads(data)))
 
 
 def write_json(path: str | Path, data: Any, *, sort_keys: bool = True) -> None:
@@ -136,6 +176,15 @@ def model_digest(path: str | Path) -> bytes:
     else:
         digest.update(Path(path).read_bytes())
     return digest.digest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # Exit codes of a stage's command (``python -m tasks.<stage>``): the contract between the

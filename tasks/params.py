@@ -21,7 +21,7 @@ import copy
 import io
 import reprlib
 import typing
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
 from pydantic import (
@@ -81,8 +81,9 @@ class FetchParams(_Section):
 
     source: str = Field(
         ...,
-        description="builtin:digits | builtin:mnist | builtin:fashion-mnist | http(s) URL of an "
-        "archive | local archive | local folder of class sub-folders",
+        description="a dataset descriptor (data/builtin/digits.yaml, mnist.yaml, "
+        "fashion-mnist.yaml) | http(s) URL of an archive | local archive | local folder of "
+        "class sub-folders",
     )
     sha256: str | None = Field(..., pattern=r"^[0-9a-fA-F]{64}$")
     timeout_s: float = Field(..., gt=0)
@@ -93,10 +94,21 @@ class FetchParams(_Section):
 
     @field_validator("source")
     @classmethod
-    def _source_not_empty(cls, value: str) -> str:
+    def _source(cls, value: str) -> str:
+        # Returned as written: dvc.yaml uses the same text as a dependency path or URL.
         if not value.strip():
-            raise ValueError("must not be empty; use builtin:digits, a URL, or a local path")
-        return value.strip()
+            raise ValueError(
+                "must not be empty; use data/builtin/digits.yaml, a URL, or a local path"
+            )
+        if value.startswith("~"):
+            raise ValueError("write the full path: DVC, which tracks the source, does not expand ~")
+        if value.startswith("builtin:"):
+            name = value.removeprefix("builtin:")
+            raise ValueError(
+                f"{value!r} is no longer accepted: built-in datasets are descriptor files "
+                f"now; use data/builtin/{name}.yaml"
+            )
+        return value
 
 
 class PrepareParams(_Section):
@@ -152,7 +164,9 @@ class BackboneParams(_Section):
     """Which pretrained feature extractor to use (``backbone`` section)."""
 
     arch: str
-    weights: str = Field(..., description="imagenet | none | path of a local weights file")
+    weights: str = Field(
+        ..., description="imagenet | none | the name of a weights file in data/weights/"
+    )
     seed: int = Field(
         ..., ge=0, le=MAX_SEED, description="seeds the initial weights of untrained layers"
     )
@@ -162,6 +176,23 @@ class BackboneParams(_Section):
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.strip().lower()
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        # A weights file lives in data/weights/, so that DVC tracks it as a dependency of
+        # the backbone stage (dvc.yaml: data/weights/${backbone.weights}).
+        if value in ("imagenet", "none"):
+            return value
+        if value.strip().lower() in ("imagenet", "none", ""):
+            raise ValueError("must be imagenet or none, in lower case")
+        path = PurePosixPath(value.replace("\\", "/"))
+        if path.is_absolute() or ".." in path.parts or value.startswith("~"):
+            raise ValueError(
+                "must be imagenet, none, or the name of a file in data/weights/; copy or link "
+                "the file into data/weights/ and set backbone.weights to its name"
+            )
+        return value
 
 
 class FineTuneParams(_Section):

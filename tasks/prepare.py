@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import os
 import struct
 import warnings
@@ -34,6 +33,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from tasks.builtin import read_idx
 from tasks.common import StageError, atomic_path, log, progress, read_json, run_stage, write_json
 from tasks.imaging import Decoded, Item, decode
 from tasks.params import PrepareParams, load_params
@@ -123,19 +123,6 @@ def iter_folder(root: Path) -> tuple[list[str], list[Item]]:
     return names, items
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise StageError(f"{path} is not an unsigned-byte IDX file")
-    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise StageError(f"{path} is truncated: expected {int(np.prod(shape))} values")
-    return array.reshape(shape)
-
-
 def iter_idx(folder: Path) -> tuple[list[str], list[Item]]:
     """Read MNIST-style IDX files (train and t10k) as items holding raw pixels."""
     classes = read_json(folder / "classes.json")
@@ -144,8 +131,8 @@ def iter_idx(folder: Path) -> tuple[list[str], list[Item]]:
         images_path = folder / f"{part}-images-idx3-ubyte.gz"
         if not images_path.exists():
             continue
-        images = _read_idx(images_path)
-        labels = _read_idx(folder / f"{part}-labels-idx1-ubyte.gz")
+        images = read_idx(images_path)
+        labels = read_idx(folder / f"{part}-labels-idx1-ubyte.gz")
         if len(images) != len(labels):
             raise StageError(f"{images_path}: {len(images)} images but {len(labels)} labels")
         for index, (image, label) in enumerate(zip(images, labels, strict=True)):

@@ -20,6 +20,8 @@ PROJECT_FILES = (
     "tasks",
     "flows",
     "presets",
+    "data/builtin",
+    "data/weights",
     "dvc.yaml",
     "params.yaml",
     "pyproject.toml",

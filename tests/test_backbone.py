@@ -8,15 +8,24 @@ path against random-init VGG16 weights saved by the test.
 from __future__ import annotations
 
 import json
+import re
+import zipfile
 
 import keras
 import numpy as np
 import pytest
 import yaml
 
-from tasks.backbone import ARCHS, SIMPLE_CNN, allowed_archs, build_backbone, resolve_arch
+from tasks.backbone import (
+    ARCHS,
+    SIMPLE_CNN,
+    allowed_archs,
+    build_backbone,
+    resolve_arch,
+)
+from tasks.common import save_model, sha256_file
 from tasks.layers import Preprocess
-from tasks.params import read_yaml, with_changes
+from tasks.params import ParamsError, read_yaml, with_changes
 from tasks.safety import load_model_safely
 from tests.conftest import PARAMS, ROOT, run
 
@@ -99,7 +108,7 @@ def test_simple_cnn_too_deep_for_the_image_is_an_error():
         (with_changes(PARAMS.backbone, weights="imagenet"), "must be 'none' for simple_cnn"),
         (
             with_changes(PARAMS.backbone, arch="vgg16", weights="no/such/file.h5"),
-            "not 'imagenet', 'none' or an",
+            "not 'imagenet', 'none' or a weights file",
         ),
     ],
 )
@@ -115,8 +124,8 @@ def test_unknown_arch_through_the_cli_fails_and_keeps_the_previous_backbone(tmp_
     params = params_file(tmp_path, {"arch": "mobilenet_v9"}, [32, 32])
 
     result = run(
-        ["python", "-m", "tasks.backbone", "--params", str(params), "--out",
-         "models/backbone.keras", "--info", "models/backbone.json"],
+        ["python", "-m", "tasks.backbone", "--params", str(params), "--weights-dir",
+         "data/weights", "--out", "models/backbone.keras", "--info", "models/backbone.json"],
         tmp_path, check=False, env={"PYTHONPATH": str(ROOT)},
     )  # fmt: skip
 
@@ -164,21 +173,47 @@ def test_preprocessing_inside_the_model_matches_keras_applications(mode, referen
 def test_local_weights_file_is_loaded_into_vgg16(tmp_path):
     keras.utils.set_random_seed(7)  # not the stage's seed: equality below proves loading
     source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
-    weights_file = tmp_path / "vgg16-no-top.weights.h5"
+    weights_file = tmp_path / "vgg16" / "no-top.weights.h5"  # a sub-folder of the weights folder
+    weights_file.parent.mkdir()
     source.save_weights(weights_file)
 
-    model, info = build_backbone(
-        with_changes(PARAMS.backbone, arch="VGG16", weights=str(weights_file)), (32, 32)
-    )
+    params = with_changes(PARAMS.backbone, arch="VGG16", weights="vgg16/no-top.weights.h5")
+    model, info = build_backbone(params, (32, 32), weights_dir=tmp_path)
 
     base = model.get_layer(info.base_layer)
     assert weights_equal(base.get_weights(), source.get_weights())
     assert info.arch == "vgg16" and info.pretrained and info.preprocessing == "caffe"
-    assert info.weights == str(weights_file)
-    from tasks.backbone import sha256_file
-
+    assert info.weights == "vgg16/no-top.weights.h5"
     assert info.weights_sha256 == sha256_file(weights_file)
     assert info.feature_shape == (1, 1, 512)
+
+
+@pytest.mark.parametrize(
+    "weights", ["/abs/vgg16.h5", "../outside.h5", "vgg16/../../x.h5", "~/x.h5", "ImageNet", ""]
+)
+def test_weights_outside_the_weights_folder_are_refused_by_the_params(weights):
+    with pytest.raises(ParamsError, match=f"weights: .*got {re.escape(repr(weights))}") as caught:
+        with_changes(PARAMS.backbone, arch="vgg16", weights=weights)
+    message = str(caught.value)
+    assert "in lower case" in message or (
+        "copy or link the file into data/weights/ and set backbone.weights to its name" in message
+    )
+
+
+def test_saved_backbone_is_byte_identical_for_identical_inputs(tmp_path):
+    paths = []
+    for index in range(2):
+        model, _ = build_backbone(PARAMS.backbone, (16, 16))
+        paths.append(tmp_path / f"{index}.keras")
+        save_model(model, paths[-1])
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    with zipfile.ZipFile(paths[0]) as archive:
+        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert "date_saved" not in json.loads(archive.read("metadata.json"))
+        ids = re.findall(r'"shared_object_id": (\d+)', archive.read("config.json").decode())
+        assert ids and set(ids) == {"1"}  # renumbered: one shared dtype policy
+    loaded = load_model_safely(paths[0], compile=False)
+    assert weights_equal(loaded.get_weights(), model.get_weights())
 
 
 @pytest.mark.slow
@@ -198,8 +233,8 @@ def test_imagenet_weights_come_from_the_keras_cache_without_network(tmp_path):
     params = params_file(tmp_path, {"arch": "mobilenet_v2", "weights": "imagenet"}, [96, 96])
 
     run(
-        ["python", "-m", "tasks.backbone", "--params", str(params), "--out",
-         "models/backbone.keras", "--info", "models/backbone.json"],
+        ["python", "-m", "tasks.backbone", "--params", str(params), "--weights-dir",
+         "data/weights", "--out", "models/backbone.keras", "--info", "models/backbone.json"],
         tmp_path, env={"PYTHONPATH": str(ROOT), "KERAS_HOME": str(keras_home)},
     )  # fmt: skip
 

@@ -1,8 +1,7 @@
-"""Stage ``fetch`` end to end: builtin datasets, a real local HTTP server, local sources, CLI."""
+"""Stage ``fetch`` end to end: built-in datasets, a real local HTTP server, local sources, CLI."""
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import io
@@ -12,19 +11,24 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from tasks.common import StageError
-from tasks.fetch import IDX_DATASETS, IDX_FILES, FetchResult, cache_name, fetch
-from tasks.params import FetchParams, load_params, with_changes
+from tasks.builtin import IDX_FILES
+from tasks.common import EXIT_TRANSIENT, StageError, TransientError
+from tasks.download import cache_name
+from tasks.fetch import FetchResult, fetch
+from tasks.params import FetchParams, ParamsError, load_params, read_yaml, with_changes
 from tests.conftest import PARAMS, write_params
 from tests.httpserver import FileServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+BUILTIN = ROOT / "data" / "builtin"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -58,14 +62,10 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 def cached(cache: Path) -> list[str]:
-    """The download cache's files: lock files, validator sidecars and hash indexes aside."""
-
-    def kept(path: Path) -> bool:
-        name = path.name
-        sidecar = name.endswith(".json") and not name.endswith(".part.json")
-        return path.is_file() and not name.endswith(".lock") and not sidecar
-
-    return sorted(p.name for p in cache.iterdir() if kept(p)) if cache.exists() else []
+    """The download cache's files (temporary ones included), validator sidecars aside."""
+    if not cache.exists():
+        return []
+    return sorted(p.name for p in cache.iterdir() if p.is_file() and p.suffix != ".json")
 
 
 @pytest.fixture
@@ -90,14 +90,15 @@ def www(tmp_path: Path, images: dict[str, bytes]) -> Path:
     return folder
 
 
-# -- builtin datasets -----------------------------------------------------------------------
+# -- built-in datasets ----------------------------------------------------------------------
 
 
 def test_builtin_digits(tmp_path: Path) -> None:
     from sklearn.datasets import load_digits
 
     out = tmp_path / "raw"
-    result = fetch(fetch_params(source="builtin:digits"), out, tmp_path / "cache")
+    source = str(BUILTIN / "digits.yaml")
+    result = fetch(fetch_params(source=source), out, tmp_path / "cache")
 
     digits = load_digits()
     pngs = sorted((out / "images").rglob("*.png"))
@@ -112,9 +113,44 @@ def test_builtin_digits(tmp_path: Path) -> None:
     expected = np.rint(digits.images[index] * 255 / 16).astype(np.uint8)
     np.testing.assert_array_equal(pixels, expected)
     assert pixels.max() == 255 and pixels.min() == 0  # 16 -> 255, 0 -> 0
-    source = json.loads((out / "source.json").read_text())
-    assert source["source"] == "builtin:digits" and source["kind"] == "folder"
-    assert source["files"] == 1797 and source["bytes"] == sum(p.stat().st_size for p in pngs)
+    record = json.loads((out / "source.json").read_text())
+    assert record["source"] == source and record["kind"] == "folder"
+    assert record["files"] == 1797 and record["bytes"] == sum(p.stat().st_size for p in pngs)
+
+    # The same source gives the same bytes: a re-run changes nothing DVC would see.
+    before = tree(out)
+    fetch(fetch_params(source=source), out, tmp_path / "cache")
+    assert tree(out) == before
+
+
+def test_old_builtin_names_and_home_folders_are_refused_by_the_params() -> None:
+    with pytest.raises(ParamsError, match="use data/builtin/mnist.yaml"):
+        fetch_params(source="builtin:mnist")
+    with pytest.raises(ParamsError, match="write the full path"):
+        fetch_params(source="~/images")
+
+
+def test_an_invalid_descriptor_names_its_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "kmnist.yaml"
+    data = read_yaml(BUILTIN / "mnist.yaml")
+    data["files"]["train-images-idx3-ubyte.gz"]["sha256"] = "not-a-hash"
+    data["classes"] = ["a", "a"]
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(StageError) as excinfo:
+        fetch(fetch_params(source=str(bad)), tmp_path / "raw", tmp_path / "cache")
+    message = str(excinfo.value)
+    assert f"{bad} is not a valid dataset descriptor" in message
+    assert "files.train-images-idx3-ubyte.gz.sha256: String should match pattern" in message
+    assert "classes: Value error, must be distinct" in message
+    data = read_yaml(BUILTIN / "mnist.yaml")
+    del data["files"]["t10k-labels-idx1-ubyte.gz"]
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(StageError, match="files: Value error, must list exactly"):
+        fetch(fetch_params(source=str(bad)), tmp_path / "raw", tmp_path / "cache")
+    bad.write_text("kind: cifar\n")
+    with pytest.raises(StageError, match="kind: Input tag 'cifar' found using 'kind' does not"):
+        fetch(fetch_params(source=str(bad)), tmp_path / "raw", tmp_path / "cache")
+    assert not (tmp_path / "raw").exists()
 
 
 @pytest.mark.skipif(
@@ -126,7 +162,8 @@ def test_builtin_fashion_mnist_from_the_debian_copy(
     # Nothing listens there: the test fails if fetch tries to download.
     monkeypatch.setenv("TLP_FASHION_MNIST_BASE_URL", f"http://127.0.0.1:{free_port()}/")
     out = tmp_path / "raw"
-    result = fetch(fetch_params(source="builtin:fashion-mnist", retries=0), out, tmp_path / "cache")
+    params = fetch_params(source=str(BUILTIN / "fashion-mnist.yaml"), retries=0)
+    result = fetch(params, out, tmp_path / "cache")
 
     assert sorted(p.name for p in (out / "idx").iterdir()) == sorted([*IDX_FILES, "classes.json"])
     for name in IDX_FILES:
@@ -143,8 +180,9 @@ def test_damaged_local_idx_copy_is_refused(tmp_path: Path, monkeypatch: pytest.M
     local = tmp_path / "fashion"
     write_idx_files(local, train=6, test=2)
     monkeypatch.setenv("TLP_FASHION_MNIST_DIR", str(local))
+    source = str(BUILTIN / "fashion-mnist.yaml")
     with pytest.raises(StageError, match="does not match fashion-mnist.*decompressed sha256"):
-        fetch(fetch_params(source="builtin:fashion-mnist"), tmp_path / "raw", tmp_path / "cache")
+        fetch(fetch_params(source=source), tmp_path / "raw", tmp_path / "cache")
     assert not (tmp_path / "raw").exists()
 
 
@@ -164,19 +202,23 @@ def write_idx_files(folder: Path, *, train: int, test: int) -> dict[str, str]:
     return {name: sha256(folder / name) for name in IDX_FILES}
 
 
-def test_builtin_mnist_downloads_from_the_base_url(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def write_descriptor(path: Path, base_url: str, hashes: dict[str, str]) -> Path:
+    """A descriptor of one's own IDX dataset (as for KMNIST), made from the MNIST one."""
+    data = read_yaml(BUILTIN / "mnist.yaml")
+    data.update(base_url=base_url, base_url_env=None, local_dir_env=None)
+    data["files"] = {name: {"sha256": digest} for name, digest in hashes.items()}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_idx_dataset_of_ones_own_downloads_from_its_base_url(tmp_path: Path) -> None:
     served = tmp_path / "mirror"
     hashes = write_idx_files(served, train=12, test=3)
-    # The test hook: the same dataset description, with the hashes of the files served here.
-    datasets = {"mnist": dataclasses.replace(IDX_DATASETS["mnist"], gz_sha256=hashes)}
-    monkeypatch.setenv("TLP_MNIST_DIR", str(tmp_path / "missing"))
     cache = tmp_path / "cache"
     with FileServer(served) as server:
-        monkeypatch.setenv("TLP_MNIST_BASE_URL", server.base_url)
+        source = str(write_descriptor(tmp_path / "tiny-mnist.yaml", server.base_url, hashes))
         out = tmp_path / "raw"
-        result = fetch(fetch_params(source="builtin:mnist"), out, cache, idx_datasets=datasets)
+        result = fetch(fetch_params(source=source), out, cache)
         for name in IDX_FILES:
             assert (out / "idx" / name).read_bytes() == (served / name).read_bytes()
             assert server.count(name) == 1
@@ -185,7 +227,7 @@ def test_builtin_mnist_downloads_from_the_base_url(
         assert result.details["counts"] == {"train": 12, "t10k": 3}
 
         # A re-run reuses the complete, verified downloads.
-        fetch(fetch_params(source="builtin:mnist"), out, cache, idx_datasets=datasets)
+        fetch(fetch_params(source=source), out, cache)
         assert server.count() == 4
     assert len(cached(cache)) == 4
 
@@ -199,9 +241,9 @@ def test_builtin_mnist_refuses_files_that_differ_from_the_pinned_hashes(
     with FileServer(served) as server:
         monkeypatch.setenv("TLP_MNIST_BASE_URL", server.base_url.rstrip("/"))
         with pytest.raises(StageError) as excinfo:
-            fetch(fetch_params(source="builtin:mnist"), tmp_path / "raw", cache)
+            fetch(fetch_params(source=str(BUILTIN / "mnist.yaml")), tmp_path / "raw", cache)
     message = str(excinfo.value)
-    pinned = IDX_DATASETS["mnist"].gz_sha256["train-images-idx3-ubyte.gz"]
+    pinned = read_yaml(BUILTIN / "mnist.yaml")["files"]["train-images-idx3-ubyte.gz"]["sha256"]
     assert f"expected {pinned}, got {sha256(served / 'train-images-idx3-ubyte.gz')}" in message
     assert not (tmp_path / "raw").exists()
     assert cached(cache) == []
@@ -244,23 +286,17 @@ def test_http_archive_with_wrong_sha256(tmp_path: Path, www: Path) -> None:
         assert server.count() == 2
 
 
-@pytest.mark.parametrize("ranges", [True, False], ids=["resumed", "restarted"])
-def test_dropped_connection_is_retried(
-    tmp_path: Path, www: Path, images: dict[str, bytes], ranges: bool
+def test_dropped_connection_is_retried_from_the_start(
+    tmp_path: Path, www: Path, images: dict[str, bytes]
 ) -> None:
     archive = www / "data.tar.gz"
     cache = tmp_path / "cache"
-    with FileServer(www, drop_after_bytes=100_000, drop_requests=2, ranges=ranges) as server:
+    with FileServer(www, drop_after_bytes=100_000, drop_requests=2) as server:
         url = server.url("data.tar.gz")
         fetch(fetch_params(source=url, sha256=sha256(archive), retries=3), tmp_path / "raw", cache)
-        assert server.count() == 3
-        ranges_asked = [request.range for request in server.requests]
-        if ranges:
-            assert ranges_asked == [None, "bytes=100000-", "bytes=200000-"]
-            assert server.requests[-1].status == 206
-        else:
-            assert server.requests[-1].status == 200
+        assert [(r.range, r.status) for r in server.requests] == [(None, 200)] * 3
     assert (cache / cache_name(url, sha256(archive))).read_bytes() == archive.read_bytes()
+    assert cached(cache) == [cache_name(url, sha256(archive))]  # no partial file left
     assert tree(tmp_path / "raw" / "images") == images
 
 
@@ -275,34 +311,56 @@ def test_connection_reset_is_retried(tmp_path: Path, www: Path, images: dict[str
     assert tree(tmp_path / "raw" / "images") == images
 
 
-def test_interrupted_download_resumes_on_the_next_run(tmp_path: Path, www: Path) -> None:
+def test_interrupted_download_leaves_nothing_and_the_next_run_starts_over(
+    tmp_path: Path, www: Path
+) -> None:
     archive = www / "data.tar.gz"
     cache = tmp_path / "cache"
     with FileServer(www, drop_after_bytes=150_000, drop_requests=1) as server:
-        url = server.url("data.tar.gz")  # no sha256: only the server's validator allows resuming
-        with pytest.raises(StageError, match="could not download .* after 1 attempts"):
+        url = server.url("data.tar.gz")
+        with pytest.raises(TransientError, match="could not download .* after 1 attempts"):
             fetch(fetch_params(source=url, retries=0), tmp_path / "raw", cache)
-        assert cached(cache) == [cache_name(url) + ".part", cache_name(url) + ".part.json"]
+        assert cached(cache) == []  # the partial bytes were not kept
 
         result = fetch(fetch_params(source=url, retries=0), tmp_path / "raw", cache)
-        resumed = server.requests[-1]
-        assert resumed.range == "bytes=150000-" and resumed.if_range and resumed.status == 206
+        assert [(r.range, r.status) for r in server.requests] == [(None, 200)] * 2
     assert result.sha256 == sha256(archive)
     assert cached(cache) == [cache_name(url)]
 
 
-def test_stale_partial_download_is_not_trusted(tmp_path: Path, www: Path) -> None:
+def test_leftover_of_a_killed_download_is_not_trusted(tmp_path: Path, www: Path) -> None:
     archive = www / "data.tar.gz"
     cache = tmp_path / "cache"
     cache.mkdir()
     with FileServer(www) as server:
         url = server.url("data.tar.gz")
-        part = cache / (cache_name(url) + ".part")
-        part.write_bytes(b"left over from another version of the file" * 100)
-        (cache / (part.name + ".json")).write_text(json.dumps({"url": url, "validator": '"old"'}))
+        leftover = cache / f".{cache_name(url)}.killed.tmp"  # as tasks.common.atomic_path names it
+        leftover.write_bytes(b"left over from another version of the file" * 100)
         result = fetch(fetch_params(source=url), tmp_path / "raw", cache)
-        assert server.requests[0].if_range == '"old"' and server.requests[0].status == 200
+        assert server.count() == 1
     assert result.sha256 == sha256(archive)
+    assert cached(cache) == [cache_name(url)]
+
+
+def test_unchanged_url_is_revalidated_and_a_changed_one_downloaded_again(
+    tmp_path: Path, www: Path, images: dict[str, bytes]
+) -> None:
+    archive = www / "data.tar.gz"
+    cache = tmp_path / "cache"
+    with FileServer(www) as server:
+        url = server.url("data.tar.gz")
+        fetch(fetch_params(source=url), tmp_path / "raw", cache)
+        fetch(fetch_params(source=url), tmp_path / "raw", cache)  # 304: the cached copy
+        time.sleep(0.01)  # a new mtime, so a new ETag
+        with tarfile.open(archive, "w:gz") as tar:
+            info = tarfile.TarInfo("cat/new.png")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"new"))
+        result = fetch(fetch_params(source=url), tmp_path / "raw", cache)
+        assert [r.status for r in server.requests] == [200, 304, 200]
+        assert server.requests[1].if_none_match and server.requests[2].if_none_match
+    assert result.sha256 == sha256(archive)
+    assert tree(tmp_path / "raw" / "images") == {"cat/new.png": b"new"}
 
 
 def test_server_errors_are_retried(tmp_path: Path, www: Path, images: dict[str, bytes]) -> None:
@@ -327,11 +385,37 @@ def test_html_page_is_an_error(tmp_path: Path, www: Path) -> None:
 
 def test_http_404_is_an_error(tmp_path: Path, www: Path) -> None:
     with FileServer(www) as server:
-        with pytest.raises(StageError, match="HTTP 404 .*check fetch.source"):
+        with pytest.raises(StageError, match="HTTP 404 .*check fetch.source") as excinfo:
             fetch(
                 fetch_params(source=server.url("missing.tar.gz")), tmp_path / "raw", tmp_path / "c"
             )
         assert server.count() == 1  # a 404 is not retried
+    assert not isinstance(excinfo.value, TransientError)
+
+
+def test_unresolvable_host_fails_fast_naming_it(tmp_path: Path) -> None:
+    began = time.monotonic()
+    with pytest.raises(StageError, match="could not resolve host nonexistent.invalid") as excinfo:
+        fetch(
+            fetch_params(source="http://nonexistent.invalid/x.tar.gz", retries=3),
+            tmp_path / "raw",
+            tmp_path / "c",
+        )
+    assert not isinstance(excinfo.value, TransientError)  # exit 1: retrying cannot help
+    assert time.monotonic() - began < 20  # generous: retries with back-off would pass it
+
+
+def test_refused_connection_to_an_ip_address_is_not_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/data.tar.gz"  # nothing listens there
+    with (
+        caplog.at_level("WARNING", logger="urllib3"),
+        pytest.raises(StageError, match="connection to 127.0.0.1 refused") as excinfo,
+    ):
+        fetch(fetch_params(source=url, retries=3), tmp_path / "raw", tmp_path / "c")
+    assert not isinstance(excinfo.value, TransientError)
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]  # urllib3's retries
 
 
 def test_unsafe_archive_from_http_is_refused(tmp_path: Path) -> None:
@@ -395,7 +479,9 @@ def test_failed_fetch_leaves_the_previous_output_intact(
     before = tree(out)
     broken = tmp_path / "broken.tar.gz"
     broken.write_bytes((www / "data.tar.gz").read_bytes()[:100_000])  # truncated
-    for source in (str(broken), str(tmp_path / "missing"), "builtin:nope"):
+    unknown = tmp_path / "nope.yaml"
+    unknown.write_text("kind: cifar\n")
+    for source in (str(broken), str(tmp_path / "missing"), str(unknown)):
         with pytest.raises(StageError):
             fetch(fetch_params(source=source), out, tmp_path / "cache")
         assert tree(out) == before
@@ -405,7 +491,9 @@ def test_failed_fetch_leaves_the_previous_output_intact(
 def test_sha256_with_a_builtin_source_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(StageError, match="fetch.sha256 is set but"):
         fetch(
-            fetch_params(source="builtin:digits", sha256="2" * 64), tmp_path / "raw", tmp_path / "c"
+            fetch_params(source=str(BUILTIN / "digits.yaml"), sha256="2" * 64),
+            tmp_path / "raw",
+            tmp_path / "c",
         )
 
 
@@ -418,8 +506,8 @@ def test_result_is_what_source_json_holds(tmp_path: Path, www: Path) -> None:
 # -- command line ---------------------------------------------------------------------------
 
 
-def run_cli(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
-    params = write_params(tmp_path / "params.yaml", {"fetch": {"source": source}})
+def run_cli(tmp_path: Path, source: str, **fetch: object) -> subprocess.CompletedProcess[str]:
+    params = write_params(tmp_path / "params.yaml", {"fetch": {"source": source, **fetch}})
     env = {**os.environ, "TLP_NO_PROGRESS": "1"}
     return subprocess.run(
         [
@@ -458,6 +546,16 @@ def test_cli_bad_source(tmp_path: Path, source: str, message: str) -> None:
 
 
 def test_cli_builtin_digits(tmp_path: Path) -> None:
-    done = run_cli(tmp_path, "builtin:digits")
+    done = run_cli(tmp_path, "data/builtin/digits.yaml")  # relative to the project root
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "raw" / "source.json").read_text())["files"] == 1797
+
+
+def test_cli_download_that_keeps_failing_exits_75(tmp_path: Path, www: Path) -> None:
+    with FileServer(www, error_status=503, error_requests=100) as server:
+        done = run_cli(tmp_path, server.url("data.tar.gz"), retries=1)
+        assert server.count() == 2  # the first attempt and one retry
+    assert done.returncode == EXIT_TRANSIENT, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR: fetch:")]
+    assert len(errors) == 1 and "could not download" in errors[0] and "HTTP 503" in errors[0]
+    assert not (tmp_path / "raw").exists()

@@ -203,13 +203,12 @@ def test_failing_stage_fails_its_task_and_the_flow_and_leaves_outputs_whole(pipe
     raw_before = sorted(str(p.relative_to(project)) for p in (project / "data/raw").rglob("*"))
     source_json = (project / "data/raw/source.json").read_text()
 
-    # Valid for the params parser, fails inside the fetch stage.
-    result = tlp(project, "run", "-S", "fetch.source=no/such/folder", api=server.api, check=False)
+    # Valid for the params parser and an existing file (DVC checks that a dependency
+    # exists), but no archive: fails inside the fetch stage.
+    result = tlp(project, "run", "-S", "fetch.source=pyproject.toml", api=server.api, check=False)
 
     assert result.returncode == 1
-    assert (
-        "ERROR: stage fetch failed: fetch.source 'no/such/folder' does not exist" in result.stderr
-    )
+    assert "ERROR: stage fetch failed: refusing the archive from pyproject.toml" in result.stderr
     run_id = flow_run_id(result.stderr)
     flow_run = server.flow_run(run_id)
     assert flow_run["state"]["type"] == "FAILED"
@@ -218,9 +217,7 @@ def test_failing_stage_fails_its_task_and_the_flow_and_leaves_outputs_whole(pipe
     assert [(r["name"], r["state"]["type"]) for r in task_runs] == [("fetch", "FAILED")]
     assert task_runs[0]["run_count"] == 1  # not a network error: no retry
     fetch_logs = server.logs(run_id, task_runs[0]["id"])
-    assert any(
-        "ERROR: fetch: fetch.source 'no/such/folder' does not exist" in m for m in fetch_logs
-    )
+    assert any("ERROR: fetch: refusing the archive from pyproject.toml" in m for m in fetch_logs)
 
     rows = json.loads(server.artifacts(run_id)["pipeline-stages"]["data"])
     assert [row["outcome"] for row in rows] == ["failed"] + ["not run"] * 5

@@ -438,12 +438,15 @@ def test_model_files_that_run_code_are_refused_as_backbone_weights(evil, tmp_pat
     sentinel, code_dir, paths = evil
     data = read_yaml(ROOT / "params.yaml")
     data["prepare"]["image_size"] = [32, 32]
+    weights = tmp_path / "data" / "weights"
+    weights.mkdir(parents=True)
     for name, path in paths.items():
-        data["backbone"].update(arch="vgg16", weights=str(path))
+        shutil.copyfile(path, weights / name)  # where backbone.weights names files
+        data["backbone"].update(arch="vgg16", weights=name)
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
         result = run(
-            ["python", "-m", "tasks.backbone", "--params", "params.yaml", "--out",
-             "models/backbone.keras", "--info", "models/backbone.json"],
+            ["python", "-m", "tasks.backbone", "--params", "params.yaml", "--weights-dir",
+             "data/weights", "--out", "models/backbone.keras", "--info", "models/backbone.json"],
             tmp_path, check=False, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{code_dir}"},
         )  # fmt: skip
         assert result.returncode == 1, name
