@@ -151,31 +151,33 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from flows import stages
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+
     from flows.locking import current_holder
+    from flows.stages import DVC_BUSY_MESSAGE, DvcBusyError, read_pipeline, run_reason
     from flows.workspace import project_root
 
     root = project_root()
-    plan = stages.read_pipeline(root)
-    will_run: set[str] = set()
-    rows = []
-    for stage in plan.stages:
-        after = [name for name in stage.upstream if name in will_run]
-        if stage.stale:
-            rows.append({"stage": stage.name, "status": "will run", "why": stage.reason})
-        elif after:
-            rows.append(
-                {"stage": stage.name, "status": "will run", "why": f"after {', '.join(after)}"}
-            )
-        else:
-            rows.append({"stage": stage.name, "status": "up to date", "why": ""})
-        if rows[-1]["status"] == "will run":
-            will_run.add(stage.name)
     holder = current_holder(root)
+    try:
+        with Repo(str(root)) as repo:
+            plan = read_pipeline(repo)
+    except LockError:
+        if holder is None:
+            raise DvcBusyError(DVC_BUSY_MESSAGE) from None
+        plan = None  # the running flow holds DVC's lock: what it will do is its own status
+    rows, will_run = [], set()
+    for stage in plan.stages if plan else ():
+        why = run_reason(stage, will_run)
+        will_run |= {stage.name} if why else set()
+        rows.append(
+            {"stage": stage.name, "status": "will run" if why else "up to date", "why": why}
+        )
     if args.json:
         print(json.dumps({"stages": rows, "running": holder}, indent=2))
         return 0
-    width = max(len(row["stage"]) for row in rows) if rows else 5
+    width = max((len(row["stage"]) for row in rows), default=5)
     print(f"{'stage':<{width}}  {'status':<10}  why")
     for row in rows:
         print(f"{row['stage']:<{width}}  {row['status']:<10}  {row['why']}".rstrip())
@@ -261,15 +263,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _predict(argv: list[str]) -> int:
-    try:
-        from tasks.predict import main as predict_main
-    except ModuleNotFoundError as exc:
-        if exc.name != "tasks.predict":
-            raise
-        print(
-            "ERROR: tlp predict needs tasks/predict.py, which this checkout lacks", file=sys.stderr
-        )
-        return 1
+    from tasks.predict import main as predict_main
+
     return predict_main(argv)
 
 

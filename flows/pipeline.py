@@ -1,11 +1,12 @@
 """The pipeline as one Prefect flow, with one Prefect task per DVC stage.
 
 The stages and their order come from ``dvc.yaml`` (DVC's graph), never from a list here.
-DVC decides what is cached: ``dvc status`` is asked once, up-to-date stages finish at once
-as *Cached*, and the others run through ``dvc repro --single-item <stage>``, their output
-streamed line by line into the task's log. Prefect adds the rest: schedules, retries (only
-for a transient network failure in ``fetch``), the dashboard, per-stage states, logs and
-artifacts.
+One DVC worker process (:mod:`flows.dvc_worker`) holds DVC's repo lock for the whole run
+and does the DVC work: the status is asked once, up-to-date stages finish at once as
+*Cached*, and the others are reproduced one at a time (``dvc repro --single-item``), their
+output streamed line by line into the task's log. Prefect adds the rest: schedules,
+retries (only for a transient failure, exit 75, in ``fetch``), the dashboard, per-stage
+states, logs and artifacts.
 
 Run it with ``tlp run`` (flows/cli.py), serve it with ``tlp serve``, or deploy it to a work
 pool with ``prefect deploy`` (prefect.yaml; entrypoint ``flows/pipeline.py:pipeline``).
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow, get_run_logger, task
@@ -30,51 +30,39 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 from prefect.utilities.annotations import quote
 
-from flows import reports, stages
+from flows import reports
+from flows.dvc_worker import DvcWorker
 from flows.locking import workspace_lock
 from flows.reports import StageOutcome
-from flows.stages import DvcBusyError, Pipeline, StageFailedError, TransientStageError
+from flows.stages import DvcBusyError, Pipeline, StageFailedError, TransientStageError, run_reason
 from flows.workspace import overrides_applied, project_root, validate_overrides
+from tasks.common import read_json
 from tasks.params import load_params
 
 FLOW_NAME = "tlp-pipeline"
 
 
-def _network_error(task: Any, task_run: Any, state: State) -> bool:
-    """Retry condition: only a download that kept failing is worth another attempt."""
+def _transient(task: Any, task_run: Any, state: State) -> bool:
+    """Retry condition: only a transient failure (exit 75) is worth another attempt."""
     return isinstance(state.result(raise_on_failure=False), TransientStageError)
 
 
 # Task options beyond the defaults, by stage name. fetch already retries each download
 # itself (fetch.retries); a task retry waits longer, for an outage rather than a blip.
 STAGE_TASK_OPTIONS: dict[str, dict[str, Any]] = {
-    "fetch": {
-        "retries": 2,
-        "retry_delay_seconds": [30, 120],
-        "retry_condition_fn": _network_error,
-    },
+    "fetch": {"retries": 2, "retry_delay_seconds": [30, 120], "retry_condition_fn": _transient},
 }
 
 
-def run_stage(
-    root: str,
-    stage: str,
-    step: str,
-    stale: bool,
-    why: str,
-    changed_upstream: list[str],
-    force: bool = False,
-) -> State:
-    """Bring one stage up to date through DVC.
+def bring_stage_up_to_date(dvc: DvcWorker, stage: str, step: str, reason: str) -> State:
+    """The body of a stage's task: bring one stage up to date through DVC.
 
     Args:
-        root: the project root.
+        dvc: the flow run's DVC worker (a live connection, so the task runs in the flow's
+            process, as Prefect runs tasks called from a flow).
         stage: the stage name.
         step: its place in the run, e.g. ``"4/6"``, for progress lines.
-        stale: whether ``dvc status`` reported it changed before the run.
-        why: the reason it is stale, from ``dvc status``.
-        changed_upstream: stages it depends on that ran in this flow run.
-        force: its outside source changed behind an unchanged param; run it with ``-f``.
+        reason: why it must run (:func:`flows.stages.run_reason`); "" if it need not.
 
     Returns:
         A *Completed* state if the stage ran, or a *Cached* one (also Completed) if it was
@@ -84,28 +72,28 @@ def run_stage(
         StageFailedError: the stage failed; the message is the stage's own error.
     """
     logger = get_run_logger()
-    if not stale and not changed_upstream:
+    if not reason:
         logger.info("[%s] %s: up to date (dvc status), cached", step, stage)
         outcome = StageOutcome(stage, "cached", 0.0, "up to date")
         return Completed(name="Cached", message="up to date, not run", data=outcome)
-    reason = why or f"{', '.join(changed_upstream)} re-ran upstream"
     logger.info("[%s] %s: running, because %s", step, stage, reason)
-    result = stages.repro(Path(root), stage, emit=logger.log, force=force)
-    if result.ran:
-        logger.info("[%s] %s: done in %.1fs", step, stage, result.seconds)
-        outcome = StageOutcome(stage, "ran", result.seconds, reason)
-        return Completed(message=f"ran: {reason}", data=outcome)
-    if result.restored:
-        outcome = StageOutcome(stage, "restored", result.seconds, f"{reason}; DVC run cache hit")
+    started = time.perf_counter()
+    done = dvc.reproduce(stage, emit=logger.info)
+    seconds = time.perf_counter() - started
+    if done == "ran":
+        logger.info("[%s] %s: done in %.1fs", step, stage, seconds)
+        return Completed(message=f"ran: {reason}", data=StageOutcome(stage, "ran", seconds, reason))
+    if done == "restored":
+        outcome = StageOutcome(stage, "restored", seconds, f"{reason}; DVC run cache hit")
         return Completed(name="Cached", message="restored from DVC's run cache", data=outcome)
-    outcome = StageOutcome(stage, "cached", result.seconds, "DVC found it up to date")
+    outcome = StageOutcome(stage, "cached", seconds, "DVC found it up to date")
     return Completed(name="Cached", message="DVC found it up to date", data=outcome)
 
 
 def stage_task(stage: str) -> Task:
     """The Prefect task for one stage: named after it, never cached by Prefect (DVC does)."""
     return task(
-        run_stage,
+        bring_stage_up_to_date,
         name=stage,
         task_run_name=stage,
         cache_policy=NO_CACHE,
@@ -140,22 +128,23 @@ def pipeline(
         changes = validate_overrides(root, overrides)
         if changes:
             logger.info("params overrides for this run: %s", changes)
-        try:
-            with overrides_applied(root, changes):
-                plan = stages.read_pipeline(root)
-                logger.info("pipeline from dvc.yaml: %s", " -> ".join(plan.names))
-                bring_up_to_date(plan, outcomes)
-                experiment = record_run(plan, outcomes, run_name, save_experiment)
-        except StageFailedError as exc:
-            stages.restore_outputs(root, exc.stage, emit=logger.log)
-            raise
-        finally:
-            publish_stage_table(outcomes, experiment)
+        with DvcWorker(root, emit=logger.info) as dvc:  # holds DVC's lock from here on
+            try:
+                with overrides_applied(root, changes):
+                    plan = dvc.pipeline()
+                    logger.info("pipeline from dvc.yaml: %s", " -> ".join(plan.names))
+                    bring_up_to_date(dvc, plan, outcomes)
+                experiment = record_run(dvc, plan, outcomes, run_name, save_experiment)
+            except StageFailedError as exc:
+                restore_outputs(dvc, exc.stage)
+                raise
+            finally:
+                publish_stage_table(outcomes, experiment)
         publish_results(plan)
     return {outcome.stage: outcome.outcome for outcome in outcomes}
 
 
-def bring_up_to_date(plan: Pipeline, outcomes: list[StageOutcome]) -> None:
+def bring_up_to_date(dvc: DvcWorker, plan: Pipeline, outcomes: list[StageOutcome]) -> None:
     """Run one task per stage, dependencies first; append each outcome as it is known.
 
     Raises:
@@ -168,16 +157,12 @@ def bring_up_to_date(plan: Pipeline, outcomes: list[StageOutcome]) -> None:
     states: dict[str, State] = {}
     total = len(plan.stages)
     for index, stage in enumerate(plan.stages, start=1):
-        changed_upstream = [name for name in stage.upstream if name in changed]
         started = time.perf_counter()
         state = states[stage.name] = stage_task(stage.name)(
-            str(plan.root),
+            quote(dvc),  # a live connection: Prefect must not inspect or copy it
             stage.name,
             f"{index}/{total}",
-            stage.stale,
-            stage.reason,
-            quote(changed_upstream),  # names, not results: no dependency edges from them
-            stage.force,
+            run_reason(stage, changed),
             wait_for=[states[name] for name in stage.needs],  # dvc.yaml's edges in the UI graph
             return_state=True,
         )
@@ -202,11 +187,28 @@ def _flow_error(stage: str, error: Any) -> Exception:
     if isinstance(error, DvcBusyError):
         return DvcBusyError(str(error))
     if isinstance(error, StageFailedError):
-        return StageFailedError(error.stage, error.error)
+        return type(error)(error.stage, error.error)
     return StageFailedError(stage, str(error))
 
 
-def record_run(plan: Pipeline, outcomes: list[StageOutcome], run_name: str, save: bool) -> str:
+def restore_outputs(dvc: DvcWorker, stage: str) -> None:
+    """Put a failed stage's previous outputs back from the DVC cache (``dvc checkout``).
+
+    DVC deletes a stage's outputs before running it. Best effort: a stage that never
+    succeeded has nothing to restore.
+    """
+    logger = get_run_logger()
+    try:
+        dvc.checkout(stage)
+    except RuntimeError as exc:
+        logger.warning("could not restore the outputs of %s: %s", stage, exc)
+    else:
+        logger.info("restored the previous outputs of %s from the DVC cache", stage)
+
+
+def record_run(
+    dvc: DvcWorker, plan: Pipeline, outcomes: list[StageOutcome], run_name: str, save: bool
+) -> str:
     """Save the run as a DVC experiment if a stage ran; return its name or why not."""
     logger = get_run_logger()
     if not save:
@@ -217,9 +219,13 @@ def record_run(plan: Pipeline, outcomes: list[StageOutcome], run_name: str, save
         logger.warning("not saving a DVC experiment: the project is not a git repo with a commit")
         return "not saved: no git commit to attach it to"
     try:
-        name = stages.save_experiment(plan.root, run_name, list(plan.uncached_outputs))
+        name = dvc.save_experiment(run_name, list(plan.uncached_outputs))
     except RuntimeError as exc:
-        logger.warning("%s; the run itself succeeded. Fix the cause and run `dvc exp save`.", exc)
+        logger.warning(
+            "dvc exp save failed: %s; the run itself succeeded. Fix the cause and run "
+            "`dvc exp save`.",
+            exc,
+        )
         return f"not saved: {exc}"
     logger.info("saved as DVC experiment %s (compare runs with `dvc exp show`)", name)
     return name
@@ -244,7 +250,7 @@ def publish_results(plan: Pipeline) -> None:
     root = plan.root
     for path in plan.metrics.get("evaluate", ()):
         if path.endswith(".json") and (root / path).is_file():
-            metrics = reports.read_json(root / path)
+            metrics = read_json(root / path)
             create_table_artifact(
                 reports.metrics_table(metrics),
                 key="eval-metrics",
@@ -270,7 +276,7 @@ def publish_results(plan: Pipeline) -> None:
             export = load_params(root / "params.yaml").export
             create_table_artifact(
                 reports.parity_table(
-                    reports.read_json(root / path), export.atol, export.min_top1_agreement
+                    read_json(root / path), export.atol, export.min_top1_agreement
                 ),
                 key="export-parity",
                 description=f"ONNX export parity with the Keras model ({path}, stage export)",

@@ -7,7 +7,6 @@ these decide what they say. Nothing here imports Prefect.
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +43,6 @@ class StageOutcome:
 def stages_table(outcomes: list[StageOutcome]) -> list[dict[str, Any]]:
     """The per-stage table: outcome, time and reason, in pipeline order."""
     return [outcome.to_row() for outcome in outcomes]
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object."""
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:

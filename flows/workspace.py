@@ -83,7 +83,7 @@ def validate_overrides(root: Path, overrides: Mapping[str, Any] | None) -> dict[
         return {}
     raw = read_yaml(root / PARAMS_FILE)
     parsed = parse_params(apply_overrides(raw, dict(overrides))).model_dump(mode="json")
-    return {key: _lookup(parsed, key) for key in overrides}
+    return {key: lookup(parsed, key) for key in overrides}
 
 
 @contextlib.contextmanager
@@ -99,12 +99,18 @@ def overrides_applied(root: Path, overrides: Mapping[str, Any]) -> Iterator[None
         return
     path = root / PARAMS_FILE
     original = path.read_text(encoding="utf-8")
-    _write_params(path, _with_overrides(original, overrides))
+    write_overrides(root, overrides)
     try:
         yield
     except BaseException:
         _write_params(path, original)
         raise
+
+
+def write_overrides(root: Path, overrides: Mapping[str, Any]) -> None:
+    """Write validated overrides into ``params.yaml``, keeping its comments and key order."""
+    path = root / PARAMS_FILE
+    _write_params(path, _with_overrides(path.read_text(encoding="utf-8"), overrides))
 
 
 def _with_overrides(text: str, overrides: Mapping[str, Any]) -> str:
@@ -140,8 +146,22 @@ def _write_params(path: Path, text: str) -> None:
         os.chmod(tmp, mode)  # mkstemp creates 0600; keep the file's own permissions
 
 
-def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
+def lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key (``"train.fine_tune.enabled"``), or ``None`` if it is absent."""
     node: Any = data
     for part in dotted.split("."):
-        node = node[part]
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
     return node
+
+
+def dotted_keys(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten sections into dotted keys: ``{"train": {"epochs": 5}}`` -> ``{"train.epochs": 5}``."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
