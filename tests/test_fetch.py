@@ -21,7 +21,7 @@ from PIL import Image
 from tasks.common import StageError
 from tasks.fetch import IDX_DATASETS, IDX_FILES, FetchResult, cache_name, fetch
 from tasks.params import FetchParams, load_params, with_changes
-from tests.conftest import PARAMS, write_params
+from tests.conftest import PARAMS, requires, write_params
 from tests.httpserver import FileServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,8 +117,9 @@ def test_builtin_digits(tmp_path: Path) -> None:
     assert source["files"] == 1797 and source["bytes"] == sum(p.stat().st_size for p in pngs)
 
 
-@pytest.mark.skipif(
-    not DEBIAN_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
+@requires(
+    DEBIAN_FASHION.is_dir(),
+    "Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
 )
 def test_builtin_fashion_mnist_from_the_debian_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
