@@ -2,14 +2,11 @@
 
 The stages and their order come from ``dvc.yaml`` (DVC's graph), never from a list here.
 One DVC worker process (:mod:`flows.dvc_worker`) holds DVC's repo lock for the whole run
-and does the DVC work: the status is asked once, up-to-date stages finish at once as
-*Cached*, and the others are reproduced one at a time (``dvc repro --single-item``), their
-output streamed line by line into the task's log. Prefect adds the rest: schedules,
-retries (only for a transient failure, exit 75, in ``fetch``), the dashboard, per-stage
-states, logs and artifacts.
-
-Run it with ``tlp run`` (flows/cli.py), serve it with ``tlp serve``, or deploy it to a work
-pool with ``prefect deploy`` (prefect.yaml; entrypoint ``flows/pipeline.py:pipeline``).
+and does the DVC work: the status is read once, up-to-date stages finish at once as
+*Cached*, and the others are reproduced one at a time, their output logged line by line.
+Prefect adds schedules, retries (only for a transient failure, exit 75, in ``fetch``), the
+dashboard, per-stage states, logs and artifacts. Run it with ``tlp run``, serve it with
+``tlp serve``, or deploy it with ``prefect deploy`` (entrypoint in prefect.yaml).
 """
 
 from __future__ import annotations
@@ -52,21 +49,27 @@ def _transient(task: Any, task_run: Any, state: State) -> bool:
 STAGE_TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "fetch": {"retries": 2, "retry_delay_seconds": [30, 120], "retry_condition_fn": _transient},
 }
+# What DVC did with a stage it was asked to reproduce -> (state name, message, why).
+AFTER_REPRO = {
+    "ran": ("Completed", "ran: {reason}", "{reason}"),
+    "restored": ("Cached", "restored from DVC's run cache", "{reason}; DVC run cache hit"),
+    "cached": ("Cached", "DVC found it up to date", "DVC found it up to date"),
+}
 
 
 def bring_stage_up_to_date(dvc: DvcWorker, stage: str, step: str, reason: str) -> State:
     """The body of a stage's task: bring one stage up to date through DVC.
 
     Args:
-        dvc: the flow run's DVC worker (a live connection, so the task runs in the flow's
-            process, as Prefect runs tasks called from a flow).
+        dvc: the flow run's DVC worker (a live connection: tasks called from a flow run in
+            the flow's process).
         stage: the stage name.
         step: its place in the run, e.g. ``"4/6"``, for progress lines.
         reason: why it must run (:func:`flows.stages.run_reason`); "" if it need not.
 
     Returns:
-        A *Completed* state if the stage ran, or a *Cached* one (also Completed) if it was
-        up to date; its data is the :class:`~flows.reports.StageOutcome`.
+        *Completed* if the stage ran, *Cached* (also a Completed state) if it was up to
+        date; the state's data is the :class:`~flows.reports.StageOutcome`.
 
     Raises:
         StageFailedError: the stage failed; the message is the stage's own error.
@@ -79,27 +82,17 @@ def bring_stage_up_to_date(dvc: DvcWorker, stage: str, step: str, reason: str) -
     logger.info("[%s] %s: running, because %s", step, stage, reason)
     started = time.perf_counter()
     done = dvc.reproduce(stage, emit=logger.info)
-    seconds = time.perf_counter() - started
-    if done == "ran":
-        logger.info("[%s] %s: done in %.1fs", step, stage, seconds)
-        return Completed(message=f"ran: {reason}", data=StageOutcome(stage, "ran", seconds, reason))
-    if done == "restored":
-        outcome = StageOutcome(stage, "restored", seconds, f"{reason}; DVC run cache hit")
-        return Completed(name="Cached", message="restored from DVC's run cache", data=outcome)
-    outcome = StageOutcome(stage, "cached", seconds, "DVC found it up to date")
-    return Completed(name="Cached", message="DVC found it up to date", data=outcome)
+    seconds = round(time.perf_counter() - started, 1)
+    logger.info("[%s] %s: %s in %.1fs", step, stage, "done" if done == "ran" else done, seconds)
+    name, message, why = (text.format(reason=reason) for text in AFTER_REPRO[done])
+    return Completed(name=name, message=message, data=StageOutcome(stage, done, seconds, why))
 
 
 def stage_task(stage: str) -> Task:
     """The Prefect task for one stage: named after it, never cached by Prefect (DVC does)."""
-    return task(
-        bring_stage_up_to_date,
-        name=stage,
-        task_run_name=stage,
-        cache_policy=NO_CACHE,
-        persist_result=False,
-        **STAGE_TASK_OPTIONS.get(stage, {}),
-    )
+    options = STAGE_TASK_OPTIONS.get(stage, {})
+    return task(bring_stage_up_to_date, name=stage, task_run_name=stage, cache_policy=NO_CACHE,
+                persist_result=False, **options)  # fmt: skip
 
 
 @flow(name=FLOW_NAME, description="Fetch, prepare, train, evaluate and export, through DVC.")
@@ -123,23 +116,30 @@ def pipeline(
     root = project_root(os.environ.get("TLP_PROJECT_DIR"))
     run_name = flow_run.get_name()
     outcomes: list[StageOutcome] = []
-    experiment = ""
+    experiment = "none"
     with workspace_lock(root, f"flow run {run_name!r}"):
         changes = validate_overrides(root, overrides)
         if changes:
             logger.info("params overrides for this run: %s", changes)
         with DvcWorker(root, emit=logger.info) as dvc:  # holds DVC's lock from here on
             try:
-                with overrides_applied(root, changes):
+                with overrides_applied(root, changes):  # put back if a stage fails
                     plan = dvc.pipeline()
                     logger.info("pipeline from dvc.yaml: %s", " -> ".join(plan.names))
                     bring_up_to_date(dvc, plan, outcomes)
-                experiment = record_run(dvc, plan, outcomes, run_name, save_experiment)
+                if save_experiment:
+                    experiment = record_run(dvc, outcomes, run_name)
             except StageFailedError as exc:
                 restore_outputs(dvc, exc.stage)
                 raise
             finally:
-                publish_stage_table(outcomes, experiment)
+                ran = sum(o.outcome == "ran" for o in outcomes)
+                create_table_artifact(
+                    [vars(outcome) for outcome in outcomes],
+                    key="pipeline-stages",
+                    description=f"Per stage: ran or cached, and why (from dvc status before "
+                    f"the run). {ran} of {len(outcomes)} ran. DVC experiment: {experiment}.",
+                )
         publish_results(plan)
     return {outcome.stage: outcome.outcome for outcome in outcomes}
 
@@ -155,31 +155,27 @@ def bring_up_to_date(dvc: DvcWorker, plan: Pipeline, outcomes: list[StageOutcome
     )
     changed: set[str] = set()
     states: dict[str, State] = {}
-    total = len(plan.stages)
     for index, stage in enumerate(plan.stages, start=1):
         started = time.perf_counter()
         state = states[stage.name] = stage_task(stage.name)(
             quote(dvc),  # a live connection: Prefect must not inspect or copy it
             stage.name,
-            f"{index}/{total}",
+            f"{index}/{len(plan.stages)}",
             run_reason(stage, changed),
             wait_for=[states[name] for name in stage.needs],  # dvc.yaml's edges in the UI graph
             return_state=True,
         )
         if not state.is_completed():
             error = state.result(raise_on_failure=False)
-            elapsed = time.perf_counter() - started
-            outcomes.append(StageOutcome(stage.name, "failed", elapsed, str(error)))
-            outcomes += [
-                StageOutcome(later.name, "not run", 0.0, f"{stage.name} failed")
-                for later in plan.stages[index:]
-            ]
+            seconds = round(time.perf_counter() - started, 1)
+            outcomes.append(StageOutcome(stage.name, "failed", seconds, str(error)))
+            outcomes += [StageOutcome(s.name, "not run", 0.0, f"{stage.name} failed")
+                         for s in plan.stages[index:]]  # fmt: skip
             raise _flow_error(stage.name, error)
-        outcome: StageOutcome = state.result()
-        outcomes.append(outcome)
-        if outcome.outcome in ("ran", "restored"):
+        outcomes.append(state.result())
+        if outcomes[-1].outcome in ("ran", "restored"):
             changed.add(stage.name)
-        update_progress_artifact(progress, 100.0 * index / total)
+        update_progress_artifact(progress, 100.0 * index / len(plan.stages))
 
 
 def _flow_error(stage: str, error: Any) -> Exception:
@@ -192,92 +188,53 @@ def _flow_error(stage: str, error: Any) -> Exception:
 
 
 def restore_outputs(dvc: DvcWorker, stage: str) -> None:
-    """Put a failed stage's previous outputs back from the DVC cache (``dvc checkout``).
-
-    DVC deletes a stage's outputs before running it. Best effort: a stage that never
-    succeeded has nothing to restore.
-    """
-    logger = get_run_logger()
+    """Put a failed stage's previous outputs back (``dvc checkout``): DVC deleted them
+    before running it. Best effort: a stage that never succeeded has nothing to restore."""
     try:
         dvc.checkout(stage)
     except RuntimeError as exc:
-        logger.warning("could not restore the outputs of %s: %s", stage, exc)
+        get_run_logger().warning("could not restore the outputs of %s: %s", stage, exc)
     else:
-        logger.info("restored the previous outputs of %s from the DVC cache", stage)
+        get_run_logger().info("restored the previous outputs of %s from the DVC cache", stage)
 
 
-def record_run(
-    dvc: DvcWorker, plan: Pipeline, outcomes: list[StageOutcome], run_name: str, save: bool
-) -> str:
+def record_run(dvc: DvcWorker, outcomes: list[StageOutcome], name: str) -> str:
     """Save the run as a DVC experiment if a stage ran; return its name or why not."""
     logger = get_run_logger()
-    if not save:
-        return "not saved (save_experiment=False)"
     if not any(o.outcome in ("ran", "restored") for o in outcomes):
         return "not saved: nothing ran, the results are those of the previous run"
-    if not plan.scm:
-        logger.warning("not saving a DVC experiment: the project is not a git repo with a commit")
-        return "not saved: no git commit to attach it to"
     try:
-        name = dvc.save_experiment(run_name, list(plan.uncached_outputs))
+        name = dvc.save_experiment(name)
     except RuntimeError as exc:
-        logger.warning(
-            "dvc exp save failed: %s; the run itself succeeded. Fix the cause and run "
-            "`dvc exp save`.",
-            exc,
-        )
+        logger.warning("not saved as a DVC experiment: %s; the run itself succeeded", exc)
         return f"not saved: {exc}"
     logger.info("saved as DVC experiment %s (compare runs with `dvc exp show`)", name)
     return name
 
 
-def publish_stage_table(outcomes: list[StageOutcome], experiment: str) -> None:
-    """Publish the per-stage table: ran or cached, how long, and why."""
-    if not outcomes:
-        return
-    ran = sum(o.outcome == "ran" for o in outcomes)
-    create_table_artifact(
-        reports.stages_table(outcomes),
-        key="pipeline-stages",
-        description=f"Per stage: ran or cached, and why (from dvc status before the run). "
-        f"{ran} of {len(outcomes)} ran. DVC experiment: {experiment or 'none'}.",
-    )
-
-
 def publish_results(plan: Pipeline) -> None:
     """Publish the evaluation metrics, the confusion matrix and the export parity result."""
-    logger = get_run_logger()
-    root = plan.root
-    for path in plan.metrics.get("evaluate", ()):
-        if path.endswith(".json") and (root / path).is_file():
-            metrics = read_json(root / path)
-            create_table_artifact(
-                reports.metrics_table(metrics),
-                key="eval-metrics",
-                description=f"Test-split metrics ({path}, stage evaluate)",
-            )
-            per_class = metrics.get("per_class") or {}
-            break
-    else:
-        logger.warning("stage evaluate lists no JSON metrics file; no metrics artifact")
-        per_class = {}
+    root, per_class = plan.root, {}
+    json_files = {stage: [root / p for p in paths if p.endswith(".json") and (root / p).is_file()]
+                  for stage, paths in plan.metrics.items()}  # fmt: skip
+    for path in json_files.get("evaluate", [])[:1]:
+        metrics = read_json(path)
+        per_class = metrics.get("per_class") or {}
+        description = f"Test-split metrics ({path.relative_to(root)}, stage evaluate)"
+        create_table_artifact(reports.metrics_table(metrics), "eval-metrics", description)
     for plot in plan.plots.get("evaluate", ()):
         if plot.props.get("template") == "confusion" and (root / plot.path).is_file():
-            counts = reports.confusion_counts(
-                root / plot.path, plot.props.get("x", "actual"), plot.props.get("y", "predicted")
-            )
+            axes = plot.props.get("x", "actual"), plot.props.get("y", "predicted")
+            counts = reports.confusion_counts(root / plot.path, *axes)
             create_markdown_artifact(
                 reports.confusion_markdown(counts, list(per_class), per_class),
                 key="confusion-matrix",
                 description=f"Confusion matrix of the test split ({plot.path})",
             )
-    for path in plan.metrics.get("export", ()):
-        if path.endswith(".json") and (root / path).is_file():
-            export = load_params(root / "params.yaml").export
-            create_table_artifact(
-                reports.parity_table(
-                    read_json(root / path), export.atol, export.min_top1_agreement
-                ),
-                key="export-parity",
-                description=f"ONNX export parity with the Keras model ({path}, stage export)",
-            )
+    for path in json_files.get("export", [])[:1]:
+        gates = load_params(root / "params.yaml").export
+        create_table_artifact(
+            reports.parity_table(read_json(path), gates.atol, gates.min_top1_agreement),
+            key="export-parity",
+            description=f"ONNX export parity with Keras ({path.relative_to(root)}, stage export)",
+        )

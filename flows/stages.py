@@ -10,7 +10,7 @@ nothing here stores hashes. Importing this module imports neither DVC nor Prefec
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,14 +53,12 @@ class Stage:
         name: the stage name in ``dvc.yaml``.
         needs: the stages whose outputs it reads directly (the graph's edges).
         upstream: the stages whose outputs it depends on, directly or not.
-        stale: whether ``dvc status`` reports it changed.
-        reason: why it is stale ("" when it is up to date).
+        reason: why ``dvc status`` reports it changed ("" when it is up to date).
     """
 
     name: str
-    needs: tuple[str, ...]
-    upstream: tuple[str, ...]
-    stale: bool
+    needs: Sequence[str]
+    upstream: Sequence[str]
     reason: str
 
 
@@ -74,24 +72,13 @@ class PlotFile:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """The pipeline as read from DVC's index and status.
-
-    Attributes:
-        root: the project root.
-        stages: the stages, dependencies first.
-        metrics: each stage's metrics files (paths relative to ``root``).
-        plots: each stage's plot files.
-        uncached_outputs: metrics and plots not in the DVC cache (git-tracked results),
-            which an experiment must include to be comparable.
-        scm: whether the project is a git repo with a commit (needed by ``dvc exp save``).
-    """
+    """The pipeline as read from DVC's index and status: the project root, the stages
+    (dependencies first), and each stage's metrics and plot files (relative to the root)."""
 
     root: Path
-    stages: tuple[Stage, ...]
-    metrics: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    plots: Mapping[str, tuple[PlotFile, ...]] = field(default_factory=dict)
-    uncached_outputs: tuple[str, ...] = ()
-    scm: bool = True
+    stages: Sequence[Stage]
+    metrics: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    plots: Mapping[str, Sequence[PlotFile]] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -105,17 +92,9 @@ class Pipeline:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Pipeline:
         """The inverse of :meth:`to_json`."""
-        return cls(
-            Path(data["root"]),
-            tuple(
-                Stage(**{**s, "needs": tuple(s["needs"]), "upstream": tuple(s["upstream"])})
-                for s in data["stages"]
-            ),  # fmt: skip
-            {name: tuple(paths) for name, paths in data["metrics"].items()},
-            {name: tuple(PlotFile(**p) for p in plots) for name, plots in data["plots"].items()},
-            tuple(data["uncached_outputs"]),
-            data["scm"],
-        )
+        plots = {name: [PlotFile(**p) for p in files] for name, files in data["plots"].items()}
+        stages = [Stage(**stage) for stage in data["stages"]]
+        return cls(Path(data["root"]), stages, data["metrics"], plots)
 
 
 def run_reason(stage: Stage, changed: Iterable[str]) -> str:
@@ -125,7 +104,7 @@ def run_reason(stage: Stage, changed: Iterable[str]) -> str:
         stage: the stage, as read before the run.
         changed: stages that ran (or will run) earlier in the same run.
     """
-    if stage.stale:
+    if stage.reason:
         return stage.reason
     changed = set(changed)
     after = [name for name in stage.upstream if name in changed]
@@ -142,7 +121,6 @@ def read_pipeline(repo: Repo) -> Pipeline:
         dvc.lock.LockError: another DVC process holds the repo lock.
     """
     import networkx as nx
-    from dvc.scm import NoSCM
     from dvc.stage import PipelineStage
 
     root = Path(repo.root_dir)
@@ -152,29 +130,23 @@ def read_pipeline(repo: Repo) -> Pipeline:
     graph = repo.index.graph.subgraph(stages).reverse(copy=True)  # edges: needed -> needing
     ordered = list(nx.lexicographical_topological_sort(graph, key=lambda s: position[s]))
     locked = _load_yaml(root / LOCK_FILE).get("stages", {})
-    result, metrics, plots, uncached = [], {}, {}, []
+    result, metrics, plots = [], {}, {}
     for stage in ordered:
-        name = stage.name
-        metrics[name] = tuple(o.def_path for o in stage.outs if o.metric)
-        plots[name] = tuple(
-            PlotFile(o.def_path, dict(o.plot) if isinstance(o.plot, dict) else {})
-            for o in stage.outs
-            if o.plot
-        )
-        uncached += [o.def_path for o in stage.outs if (o.metric or o.plot) and not o.use_cache]
+        name, outs = stage.name, stage.outs
+        metrics[name] = [o.def_path for o in outs if o.metric]
+        props = [(o, o.plot if isinstance(o.plot, dict) else {}) for o in outs if o.plot]
+        plots[name] = [PlotFile(o.def_path, plot) for o, plot in props]
         direct, needed = set(graph.predecessors(stage)), nx.ancestors(graph, stage)
         entries = status.get(name)
         result.append(
             Stage(
                 name,
-                tuple(s.name for s in ordered if s in direct),
-                tuple(s.name for s in ordered if s in needed),
-                bool(entries),
+                [s.name for s in ordered if s in direct],
+                [s.name for s in ordered if s in needed],
                 describe_status(name, entries, locked, root) if entries else "",
             )
         )
-    scm = not isinstance(repo.scm, NoSCM) and not repo.scm.no_commits
-    return Pipeline(root, tuple(result), metrics, plots, tuple(uncached), scm)
+    return Pipeline(root, result, metrics, plots)
 
 
 def describe_status(name: str, entries: list[Any], locked: Mapping[str, Any], root: Path) -> str:

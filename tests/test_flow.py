@@ -21,6 +21,7 @@ import yaml
 from flows import reports
 from flows.locking import workspace_lock
 from flows.stages import StageFailedError, TransientStageError, describe_status
+from tasks.params import read_yaml
 from tests.conftest import run, set_params
 from tests.prefect_server import (
     STAGES,
@@ -480,8 +481,7 @@ def test_dvc_repro_started_by_hand_mid_run_is_refused_and_dvc_lock_matches_param
     assert "Unable to acquire lock" in by_hand.stderr  # DVC's own lock error
     assert "Running stage" not in by_hand.stdout + by_hand.stderr
     assert_reproducible(project)
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    lock, params = read_yaml(project / "dvc.lock"), read_yaml(project / "params.yaml")  # as DVC
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"] == params["train"]
     assert params["train"]["epochs"] == new
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.presets import apply_preset, available
+from flows.workspace import apply_preset, presets
 from tests.conftest import ROOT
 from tests.prefect_server import STAGES
 
@@ -59,14 +59,14 @@ def test_every_stage_lists_exactly_the_tasks_modules_it_imports_as_deps():
         )
 
 
-@pytest.mark.parametrize("name", available(ROOT / "presets"))
+@pytest.mark.parametrize("name", presets(ROOT))
 def test_every_preset_applies_to_the_shipped_params_and_keeps_their_comments(name, tmp_path):
     for file in ("params.yaml", "presets"):
         copy = shutil.copytree if (ROOT / file).is_dir() else shutil.copy
         copy(ROOT / file, tmp_path / file)
     original = (tmp_path / "params.yaml").read_text()
 
-    changes = apply_preset(name, tmp_path, tmp_path / "presets")
+    changes = apply_preset(tmp_path, name)
 
     written = yaml.safe_load((tmp_path / "params.yaml").read_text())
     preset = yaml.safe_load((ROOT / "presets" / f"{name}.yaml").read_text())
