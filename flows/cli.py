@@ -28,14 +28,8 @@ SERVER_FILE = "server.json"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``tlp`` console script.
-
-    Args:
-        argv: the arguments after ``tlp`` (default: ``sys.argv[1:]``).
-
-    Returns:
-        The exit code.
-    """
+    """The ``tlp`` console script: run the command in ``argv`` (default: ``sys.argv[1:]``)
+    and return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["predict"]:  # its own parser handles everything after "predict"
         from tasks.predict import main as predict

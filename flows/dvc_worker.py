@@ -48,9 +48,8 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 class DvcWorker:
     """The flow's end: start the worker, send it requests, log its output, stop it.
 
-    Entering starts the worker and returns once it holds DVC's lock (or raises
-    :class:`~flows.stages.DvcBusyError`); leaving lets it release the lock and exit, or,
-    when the block is interrupted, stops it and the stage it runs.
+    Entering returns once the worker holds DVC's lock (or raises ``DvcBusyError``);
+    leaving lets it release the lock and exit, or stops it and its stage if interrupted.
     """
 
     def __init__(self, root: Path, emit: Emit):
