@@ -100,7 +100,8 @@ def overrides_applied(root: Path, overrides: Mapping[str, Any]) -> Iterator[None
     try:
         yield
     except BaseException:
-        _write(path, original)
+        if overrides:
+            _write(path, original)
         raise
 
 
