@@ -223,13 +223,13 @@ def publish_results(plan: Pipeline) -> None:
         description = f"Test-split metrics ({path.relative_to(root)}, stage evaluate)"
         create_table_artifact(reports.metrics_table(metrics), "eval-metrics", description)
     for plot in plan.plots.get("evaluate", ()):
-        if plot.props.get("template") == "confusion" and (root / plot.path).is_file():
-            axes = plot.props.get("x", "actual"), plot.props.get("y", "predicted")
-            counts = reports.confusion_counts(root / plot.path, *axes)
+        if plot.get("template") == "confusion" and (root / plot["path"]).is_file():
+            axes = plot.get("x", "actual"), plot.get("y", "predicted")
+            counts = reports.confusion_counts(root / plot["path"], *axes)
             create_markdown_artifact(
                 reports.confusion_markdown(counts, list(per_class), per_class),
                 key="confusion-matrix",
-                description=f"Confusion matrix of the test split ({plot.path})",
+                description=f"Confusion matrix of the test split ({plot['path']})",
             )
     for path in json_files.get("export", [])[:1]:
         gates = load_params(root / "params.yaml").export

@@ -15,15 +15,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class StageOutcome:
-    """What happened to one stage in one flow run.
-
-    Attributes:
-        stage: the stage name.
-        outcome: ``ran`` | ``cached`` (up to date, nothing done) | ``restored`` (DVC took
-            the outputs from its run cache) | ``failed`` | ``not run`` (an upstream failed).
-        seconds: wall time spent on it, rounded to 0.1 s.
-        why: why it ran (from ``dvc status`` before the run), or why it did not.
-    """
+    """What happened to one stage in one flow run: ``outcome`` is ``ran``, ``cached`` (up
+    to date), ``restored`` (from DVC's run cache), ``failed`` or ``not run`` (an upstream
+    failed); ``seconds`` the wall time (0.1 s); ``why`` the reason it ran, or did not."""
 
     stage: str
     outcome: str

@@ -63,22 +63,15 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class PlotFile:
-    """A plot output of a stage and its ``dvc.yaml`` properties (template, x, y)."""
-
-    path: str
-    props: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
 class Pipeline:
     """The pipeline as read from DVC's index and status: the project root, the stages
-    (dependencies first), and each stage's metrics and plot files (relative to the root)."""
+    (dependencies first), and each stage's metrics files and plot files (paths relative to
+    the root; a plot is its ``dvc.yaml`` properties with its ``path``)."""
 
     root: Path
     stages: Sequence[Stage]
     metrics: Mapping[str, Sequence[str]] = field(default_factory=dict)
-    plots: Mapping[str, Sequence[PlotFile]] = field(default_factory=dict)
+    plots: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -92,9 +85,8 @@ class Pipeline:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Pipeline:
         """The inverse of :meth:`to_json`."""
-        plots = {name: [PlotFile(**p) for p in files] for name, files in data["plots"].items()}
         stages = [Stage(**stage) for stage in data["stages"]]
-        return cls(Path(data["root"]), stages, data["metrics"], plots)
+        return cls(Path(data["root"]), stages, data["metrics"], data["plots"])
 
 
 def run_reason(stage: Stage, changed: Iterable[str]) -> str:
@@ -134,8 +126,8 @@ def read_pipeline(repo: Repo) -> Pipeline:
     for stage in ordered:
         name, outs = stage.name, stage.outs
         metrics[name] = [o.def_path for o in outs if o.metric]
-        props = [(o, o.plot if isinstance(o.plot, dict) else {}) for o in outs if o.plot]
-        plots[name] = [PlotFile(o.def_path, plot) for o, plot in props]
+        plots[name] = [{**(o.plot if isinstance(o.plot, dict) else {}), "path": o.def_path}
+                       for o in outs if o.plot]  # fmt: skip
         direct, needed = set(graph.predecessors(stage)), nx.ancestors(graph, stage)
         entries = status.get(name)
         result.append(
