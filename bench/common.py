@@ -20,22 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from tasks.params import load_params, with_changes
+from tasks.params import with_changes
+from tests.conftest import PARAMS, make_project  # the shipped params; the project copy
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = load_params(ROOT / "params.yaml")  # the shipped defaults
 BIN = Path(sys.executable).parent
-PROJECT_FILES = (
-    "tasks",
-    "flows",
-    "presets",
-    "data/builtin",
-    "data/weights",
-    "dvc.yaml",
-    "params.yaml",
-    "pyproject.toml",
-    "prefect.yaml",
-)
 
 
 @dataclass
@@ -339,44 +328,6 @@ def prepared_dataset(work: Path, count: int, image_size: tuple[int, int], **prep
 
 
 def copy_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
-    """Copy the pipeline into ``dest`` as a fresh git + DVC repo (as tests/conftest.py does)."""
-    import yaml
-
+    """A fresh copy of the pipeline in ``dest``, as the tests make it (any older one goes)."""
     shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif source.exists():
-            shutil.copy2(source, dest / name)
-    with (ROOT / "params.yaml").open(encoding="utf-8") as handle:
-        merged = deep_update(yaml.safe_load(handle), params or {})
-    (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False), encoding="utf-8")
-    env = env_with_venv(cwd=dest)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "config", "user.email", "bench@example.com"],
-        ["git", "config", "user.name", "bench"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "init"],
-    ):
-        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
-    return dest
-
-
-def deep_update(base: dict, extra: dict) -> dict:
-    """Recursively merge ``extra`` into ``base`` (in place) and return it."""
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def read_json(path: Path) -> Any:
-    """Read a JSON file."""
-    return json.loads(path.read_text(encoding="utf-8"))
+    return make_project(dest, params)

@@ -1,7 +1,7 @@
 """Benchmark 7: the whole pipeline on Fashion-MNIST (70,000 images), wall time and memory.
 
-A fresh copy of the project with ``presets/fashion-mnist.yaml`` merged into its params (or,
-where the preset does not exist, the same settings as overrides), run with ``dvc repro``
+A fresh copy of the project with ``presets/fashion-mnist.yaml`` merged into its params, run
+with ``dvc repro``
 from an empty workspace: fetch (Debian's ``/usr/share/datasets/fashion-mnist``), prepare,
 backbone, train, evaluate, export. Peak memory is sampled as the summed RSS of the whole
 process tree (``dvc`` and the stage it runs) every 0.1 s; the largest single process's
@@ -31,22 +31,12 @@ from bench.common import (
 )
 
 DATASET = Path("/usr/share/datasets/fashion-mnist")
-FALLBACK = {
-    "fetch": {"source": "data/builtin/fashion-mnist.yaml"},
-    "prepare": {"image_size": [28, 28], "min_images_per_class": 100, "shard_size": 4096},
-    "backbone": {"arch": "simple_cnn", "weights": "none"},
-    "train": {"epochs": 8, "batch_size": 128, "pooling": "flatten", "dense_units": 128},
-}
 
 
 def settings(quick: bool) -> tuple[dict, str]:
     """The params overrides and where they came from."""
-    preset = ROOT / "presets" / "fashion-mnist.yaml"
-    if preset.exists():
-        with preset.open(encoding="utf-8") as handle:
-            params, origin = yaml.safe_load(handle), "presets/fashion-mnist.yaml"
-    else:
-        params, origin = json.loads(json.dumps(FALLBACK)), "overrides (no preset yet)"
+    with (ROOT / "presets" / "fashion-mnist.yaml").open(encoding="utf-8") as handle:
+        params, origin = yaml.safe_load(handle), "presets/fashion-mnist.yaml"
     if quick:
         params.setdefault("train", {})["epochs"] = 1
         origin += ", train.epochs=1 (--quick)"

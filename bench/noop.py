@@ -8,21 +8,12 @@ started inside the run). Whole processes; medians.
 
 * ``noop_rerun_ratio`` = ``tlp run`` (server) / ``dvc repro`` (goal <= 5).
 * ``noop_rerun_ratio_embedded`` = the same in embedded mode (no goal; reported).
-
-When ``tlp`` cannot run here (no ``flows/cli.py`` with a ``run`` command), both are recorded
-as skipped, with the reason.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from bench.common import (
@@ -34,8 +25,8 @@ from bench.common import (
     load_average,
     median,
     run_process,
-    skipped,
 )
+from tests.prefect_server import start_server, stop_process
 
 SHRUNK = {
     "train": {"epochs": 1, "early_stopping_patience": 0},
@@ -51,65 +42,8 @@ def tlp_command() -> list[str]:
     return [str(tlp)] if tlp.exists() else [sys.executable, "-m", "flows.cli"]
 
 
-def tlp_missing() -> str | None:
-    """Why ``tlp run`` cannot be benchmarked here, or ``None`` when it can."""
-    if not (ROOT / "flows" / "cli.py").exists():
-        return "flows/cli.py does not exist yet (tlp run is being written)"
-    probe = subprocess.run(
-        [*tlp_command(), "run", "--help"],
-        cwd=ROOT,
-        env=env_with_venv(),
-        capture_output=True,
-        text=True,
-    )
-    if probe.returncode != 0:
-        return f"`tlp run --help` exited {probe.returncode}: {probe.stderr.strip()[-300:]}"
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(api: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"tlp server exited {process.returncode} before answering")
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"the Prefect server at {api} did not answer within {timeout:.0f}s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the server we started (its whole process group, by our own child's id)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def _ran_nothing(output: str) -> bool:
-    return "Running stage" not in output
-
-
 def run(work: Path, quick: bool) -> list[Result]:
-    """Time the no-op reruns (or record why they cannot run)."""
-    reason = tlp_missing()
-    if reason:
-        return [
-            skipped("noop_rerun_ratio", "<= 5", "x", reason),
-            skipped("noop_rerun_ratio_embedded", None, "x", reason),
-        ]
+    """Time the no-op reruns."""
     repeats = 1 if quick else 3
     project = copy_project(work / "project", SHRUNK)
     env = env_with_venv(cwd=project)
@@ -121,22 +55,18 @@ def run(work: Path, quick: bool) -> list[Result]:
 
     dvc_times, embedded_times, server_times = [], [], []
     for _ in range(repeats):
+        lock = (project / "dvc.lock").stat().st_mtime_ns
         process = run_process(["dvc", "repro"], project, env).check("no-op dvc repro")
-        if not _ran_nothing(process.stdout):
+        if (project / "dvc.lock").stat().st_mtime_ns != lock:  # a stage ran and was recorded
             raise RuntimeError(f"dvc repro was not a no-op:\n{process.stdout[-2000:]}")
         dvc_times.append(process.seconds)
         embedded_times.append(
             run_process(tlp_run, project, env).check("tlp run (embedded)").seconds
         )
 
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    server = subprocess.Popen(
-        [*tlp_command(), "server", "--port", str(port)],
-        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    server = start_server(project, work / "server.log")  # `tlp server`, as a user starts it
+    api = server.api
     try:
-        _wait_healthy(api, server, timeout=180)
         run_process(tlp_run, project, env).check("tlp run (server, warm-up)")
         outputs = []
         for _ in range(repeats):
@@ -144,7 +74,7 @@ def run(work: Path, quick: bool) -> list[Result]:
             outputs.append(process.stdout + process.stderr)
             server_times.append(process.seconds)
     finally:
-        _stop(server)
+        stop_process(server.process)
     load_after = load_average()
     if not any(api in text for text in outputs):
         raise RuntimeError(f"tlp run did not use the server at {api}:\n{outputs[-1][-2000:]}")

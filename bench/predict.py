@@ -40,14 +40,8 @@ def _tlp_predict() -> tuple[list[str], str]:
     tlp = BIN / "tlp"
     if tlp.exists():
         return [str(tlp), "predict"], "tlp predict"
-    if (ROOT / "flows" / "cli.py").exists():
-        return [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "predict",
-        ], "python -m flows.cli predict (no tlp script installed)"
-    return [sys.executable, "-m", "tasks.predict"], "python -m tasks.predict (no flows/cli.py yet)"
+    command = [sys.executable, "-m", "flows.cli", "predict"]
+    return command, "python -m flows.cli predict (no tlp script installed)"
 
 
 def _throughput(runtime: str, model: Path, batches: int) -> float:

@@ -1,13 +1,13 @@
 """The ``tlp`` command line: run, schedule and watch the pipeline; predict with the model.
 
-``tlp run [-S key=value ...]``   run the Prefect flow once (embedded Prefect, or the
-                                 project's running ``tlp server`` if there is one)
-``tlp status``                   the stages, in graph order, and what would re-run and why
-``tlp server``                   the Prefect dashboard on http://127.0.0.1:4200
+``tlp run [-S key=value ...]``    run the Prefect flow once (embedded Prefect, or the
+                                  project's running ``tlp server`` if there is one)
+``tlp status``                    the stages, in graph order, and what would re-run and why
+``tlp server``                    the Prefect dashboard on http://127.0.0.1:4200
 ``tlp serve [--cron|--interval]`` serve the flow as a (scheduled) deployment
-``tlp predict ...``              ``tasks.predict`` (argv forwarded as is)
-``tlp explain IMAGE...``         ``tasks.explain``: Grad-CAM overlay PNGs
-``tlp preset [NAME]``            ``flows.presets``: list presets, or merge one into params.yaml
+``tlp predict ...``               ``tasks.predict`` (argv forwarded as is)
+``tlp explain IMAGE...``          ``tasks.explain``: Grad-CAM overlay PNGs
+``tlp preset [NAME]``             list the presets, or write one into params.yaml
 
 Prefect, DVC and TensorFlow are imported inside the subcommands, never here, so that
 ``tlp predict`` and ``tlp --help`` start fast. Prefect's state lives in ``.tlp/prefect``
@@ -26,29 +26,20 @@ from pathlib import Path
 from typing import Any
 
 SERVER_FILE = "server.json"
-DEFAULT_DEPLOYMENT = "tlp-pipeline"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``tlp`` console script.
-
-    Args:
-        argv: the arguments after ``tlp`` (default: ``sys.argv[1:]``).
-
-    Returns:
-        The exit code.
-    """
+    """The ``tlp`` console script: run the command in ``argv`` (default: ``sys.argv[1:]``)
+    and return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["predict"]:  # its own parser handles everything after "predict"
-        return _predict(argv[1:])
+        from tasks.predict import main as predict
+
+        return predict(argv[1:])
     if argv[:1] == ["explain"]:  # Grad-CAM overlays; imports TensorFlow only when run
-        from tasks.explain import main as explain_main
+        from tasks.explain import main as explain
 
-        return explain_main(argv[1:])
-    if argv[:1] == ["preset"]:
-        from flows.presets import main as preset_main
-
-        return preset_main(argv[1:])
+        return explain(argv[1:])
     args = build_parser().parse_args(argv)
     from flows.locking import WorkspaceBusyError
     from flows.stages import DvcBusyError
@@ -68,63 +59,36 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tlp", description="Run, schedule and watch the transfer-learning pipeline."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     run = commands.add_parser("run", help="run the pipeline once as a Prefect flow")
-    _add_set_option(run)
-    run.add_argument(
-        "--no-save-experiment",
-        dest="save_experiment",
-        action="store_false",
-        help="do not record the run as a DVC experiment (dvc exp save)",
-    )
+    _add_set_option(run, "override a param for this run, e.g. -S train.epochs=5 (repeatable)")
+    run.add_argument("--no-save-experiment", dest="save_experiment", action="store_false",
+                     help="do not record the run as a DVC experiment (dvc exp save)")  # fmt: skip
     run.set_defaults(handler=_run)
-
     status = commands.add_parser("status", help="show the stages and what would re-run")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
-
     server = commands.add_parser("server", help="start the Prefect dashboard")
-    server.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
-    )
+    server.add_argument("--host", default="127.0.0.1", help="address (default: %(default)s)")
     server.add_argument("--port", type=int, default=4200, help="port (default: %(default)s)")
     server.set_defaults(handler=_server)
-
-    serve = commands.add_parser(
-        "serve", help="serve the flow as a deployment: on a schedule and from the dashboard"
-    )
+    serve = commands.add_parser("serve", help="serve the flow as a deployment (schedules, UI)")
     when = serve.add_mutually_exclusive_group()
     when.add_argument("--cron", help='a cron schedule, e.g. "0 3 * * *" (03:00 every day)')
     when.add_argument("--interval", type=float, help="run every this many seconds")
-    serve.add_argument(
-        "--name", default=DEFAULT_DEPLOYMENT, help="deployment name (default: %(default)s)"
-    )
+    serve.add_argument("--name", default="tlp-pipeline", help="deployment (default: %(default)s)")
     _add_set_option(serve, "params overrides for every scheduled run")
     serve.set_defaults(handler=_serve)
-
-    commands.add_parser(
-        "predict", help="classify images with the exported model (see: tlp predict --help)"
-    )
-    commands.add_parser(
-        "explain", help="Grad-CAM overlays: where the model looked (see: tlp explain --help)"
-    )
-    commands.add_parser("preset", help="list the presets, or merge one into params.yaml")
+    commands.add_parser("predict", help="classify images with the model (tlp predict --help)")
+    commands.add_parser("explain", help="Grad-CAM overlays: where the model looked (--help)")
+    preset = commands.add_parser("preset", help="list the presets, or write one into params.yaml")
+    preset.add_argument("name", nargs="?", help="a preset in presets/, or a YAML file")
+    preset.set_defaults(handler=_preset)
     return parser
 
 
-def _add_set_option(parser: argparse.ArgumentParser, text: str = "") -> None:
-    parser.add_argument(
-        "-S",
-        "--set",
-        dest="overrides",
-        action="append",
-        metavar="KEY=VALUE",
-        default=[],
-        help=text or "override a param for this run, e.g. -S train.epochs=5 (repeatable)",
-    )
-
-
-# -- subcommands ----------------------------------------------------------------------------
+def _add_set_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("-S", "--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                        default=[], help=text)  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -133,59 +97,53 @@ def _run(args: argparse.Namespace) -> int:
     root = project_root()
     overrides = parse_set_options(args.overrides)
     api = prefect_environment(root)
-    print(
-        f"tlp: Prefect API {api or 'embedded (temporary server; start `tlp server` to keep one)'}"
-    )
+    print(f"tlp: Prefect API {api or 'embedded (temporary; start `tlp server` to keep one)'}")
     from flows.pipeline import pipeline
 
-    state = pipeline(
-        overrides=overrides or None, save_experiment=args.save_experiment, return_state=True
-    )
+    state = pipeline(overrides or None, args.save_experiment, return_state=True)
     run_id = state.state_details.flow_run_id
     if state.is_completed():
-        outcomes: dict[str, str] = state.result()
         grouped: dict[str, list[str]] = {}
-        for stage, outcome in outcomes.items():
+        for stage, outcome in state.result().items():
             grouped.setdefault(outcome, []).append(stage)
         summary = "; ".join(f"{k}: {', '.join(v)}" for k, v in grouped.items())
         print(f"tlp: flow run {run_id} {state.name}: {summary}")
     else:
-        error = state.result(raise_on_failure=False)
         print(f"tlp: flow run {run_id} {state.name}", file=sys.stderr)
-        print(f"ERROR: {error}", file=sys.stderr)
+        print(f"ERROR: {state.result(raise_on_failure=False)}", file=sys.stderr)
     if api:
         print(f"tlp: {api.removesuffix('/api')}/runs/flow-run/{run_id}")
     return 0 if state.is_completed() else 1
 
 
 def _status(args: argparse.Namespace) -> int:
-    from flows import stages
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+
     from flows.locking import current_holder
+    from flows.stages import DVC_BUSY_MESSAGE, DvcBusyError, read_pipeline, run_reason
     from flows.workspace import project_root
 
     root = project_root()
-    plan = stages.read_pipeline(root)
-    will_run: set[str] = set()
-    rows = []
-    for stage in plan.stages:
-        after = [name for name in stage.upstream if name in will_run]
-        if stage.stale:
-            rows.append({"stage": stage.name, "status": "will run", "why": stage.reason})
-        elif after:
-            rows.append(
-                {"stage": stage.name, "status": "will run", "why": f"after {', '.join(after)}"}
-            )
-        else:
-            rows.append({"stage": stage.name, "status": "up to date", "why": ""})
-        if rows[-1]["status"] == "will run":
-            will_run.add(stage.name)
     holder = current_holder(root)
+    try:
+        with Repo(str(root)) as repo:
+            stages = read_pipeline(repo).stages
+    except LockError:
+        if holder is None:
+            raise DvcBusyError(DVC_BUSY_MESSAGE) from None
+        stages = []  # the run in progress holds DVC's lock; it knows what it will do
+    rows, will_run = [], set()
+    for stage in stages:
+        why = run_reason(stage, will_run)
+        will_run |= {stage.name} if why else set()
+        status = "will run" if why else "up to date"
+        rows.append({"stage": stage.name, "status": status, "why": why})
     if args.json:
         print(json.dumps({"stages": rows, "running": holder}, indent=2))
         return 0
-    width = max(len(row["stage"]) for row in rows) if rows else 5
-    print(f"{'stage':<{width}}  {'status':<10}  why")
-    for row in rows:
+    width = max((len(row["stage"]) for row in rows), default=5)
+    for row in [{"stage": "stage", "status": "status", "why": "why"}, *rows]:
         print(f"{row['stage']:<{width}}  {row['status']:<10}  {row['why']}".rstrip())
     if holder is not None:
         print(f"\nrunning now: {holder.get('what', 'a run')} (PID {holder.get('pid', '?')})")
@@ -204,18 +162,14 @@ def _server(args: argparse.Namespace) -> int:
         print(f"tlp: a Prefect server already answers at {url}; open it in your browser")
         return 0
     prefect_environment(root, detect_server=False)
-    env = {
-        **os.environ,
-        "PREFECT_SERVER_API_HOST": args.host,
-        "PREFECT_SERVER_API_PORT": str(args.port),
-        "PREFECT_UI_API_URL": f"{url}/api",  # the dashboard's own calls; --port alone misses it
-    }
+    server = {"HOST": args.host, "PORT": str(args.port)}
+    env = {**os.environ, **{f"PREFECT_SERVER_API_{k}": v for k, v in server.items()}}
+    env["PREFECT_UI_API_URL"] = f"{url}/api"  # the dashboard's own calls; --port alone misses it
     record = tlp_dir(root) / SERVER_FILE
     record.write_text(json.dumps({"url": url, "api": f"{url}/api", "pid": os.getpid()}))
     print(f"tlp: dashboard at {url} (Prefect home {os.environ['PREFECT_HOME']}); Ctrl-C stops it")
     command = [sys.executable, "-m", "prefect", "server", "start"]
-    command += ["--host", args.host, "--port", str(args.port)]
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen([*command, "--host", args.host, "--port", str(args.port)], env=env)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as Ctrl-C does
     try:
         return process.wait()
@@ -242,21 +196,15 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = validate_overrides(root, parse_set_options(args.overrides))
     api = prefect_environment(root)
     if not api:
-        print(
-            "ERROR: tlp serve registers a deployment with a Prefect server and waits for its "
-            "runs, so it needs one: start `tlp server` in another terminal (or set "
-            "PREFECT_API_URL), then run tlp serve again.",
-            file=sys.stderr,
-        )
+        print("ERROR: tlp serve registers a deployment with a Prefect server and waits for its "
+              "runs, so it needs one: start `tlp server` in another terminal (or set "
+              "PREFECT_API_URL), then run tlp serve again.", file=sys.stderr)  # fmt: skip
         return 1
     os.chdir(root)  # the deployment's entrypoint (flows/pipeline.py) is relative to here
     from flows.pipeline import pipeline
 
-    schedule = (
-        f"cron {args.cron!r}"
-        if args.cron
-        else (f"every {args.interval:g}s" if args.interval else "no schedule")
-    )
+    every = f"every {args.interval:g}s" if args.interval else "no schedule"
+    schedule = f"cron {args.cron!r}" if args.cron else every
     print(f"tlp: serving deployment {args.name!r} ({schedule}) on {api}; Ctrl-C stops it")
     pipeline.serve(
         name=args.name,
@@ -268,20 +216,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(argv: list[str]) -> int:
-    try:
-        from tasks.predict import main as predict_main
-    except ModuleNotFoundError as exc:
-        if exc.name != "tasks.predict":
-            raise
-        print(
-            "ERROR: tlp predict needs tasks/predict.py, which this checkout lacks", file=sys.stderr
-        )
-        return 1
-    return predict_main(argv)
+def _preset(args: argparse.Namespace) -> int:
+    from flows.workspace import apply_preset, presets, project_root
 
-
-# -- Prefect settings -----------------------------------------------------------------------
+    root = project_root()
+    if not args.name:
+        print("\n".join(presets(root)))
+        return 0
+    changes = apply_preset(root, args.name)
+    print(f"applied preset {args.name} to params.yaml ({len(changes)} values); now `tlp run`")
+    return 0
 
 
 def prefect_environment(root: Path, detect_server: bool = True) -> str | None:
@@ -303,21 +247,18 @@ def prefect_environment(root: Path, detect_server: bool = True) -> str | None:
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     os.environ.pop("PREFECT_API_URL", None)  # an empty value means "not set"
-    if detect_server:
-        api = running_server(root)
-        if api:
-            os.environ["PREFECT_API_URL"] = api
-            return api
-    return None
+    api = running_server(root) if detect_server else None
+    if api:
+        os.environ["PREFECT_API_URL"] = api
+    return api
 
 
 def running_server(root: Path) -> str | None:
     """The API URL of the project's running ``tlp server``, if one answers."""
     try:
-        record: dict[str, Any] = json.loads((root / ".tlp" / SERVER_FILE).read_text())
-    except (OSError, ValueError):
+        api = json.loads((root / ".tlp" / SERVER_FILE).read_text()).get("api")
+    except (OSError, ValueError, AttributeError):
         return None
-    api = record.get("api")
     return api if api and _healthy(api) else None
 
 

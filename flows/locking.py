@@ -1,9 +1,8 @@
 """One writer per workspace: a file lock under ``.tlp/`` held for a whole flow run.
 
-The lock is an OS file lock (``flock`` through :mod:`filelock`), so it is released when its
-holder exits, even if it is killed: a stale lock cannot survive its process. Who holds it
-(PID, host, since when, which run) is written to a small JSON file beside the lock, so a
-second run can say whom it is waiting for instead of just "busy".
+The lock is an OS file lock (``flock`` through :mod:`filelock`), released when its holder
+exits, even if it is killed. Who holds it (PID, host, since when, which run) is written
+beside it, so a second run can say whom it is waiting for instead of just "busy".
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from typing import Any
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
-TLP_DIR = ".tlp"
 LOCK_FILE = "run.lock"
 HOLDER_FILE = "run.lock.json"
 
@@ -30,18 +28,15 @@ class WorkspaceBusyError(RuntimeError):
 
 
 def tlp_dir(root: str | Path) -> Path:
-    """The project's ``.tlp/`` folder, created on first use and kept out of git.
+    """The project's ``.tlp/`` folder (locks, Prefect home, downloads), kept out of git.
 
     The ``.gitignore`` inside it ignores the folder itself, so projects whose own
     ``.gitignore`` does not list ``.tlp`` (e.g. fresh test projects) stay clean too.
     """
-    path = Path(root) / TLP_DIR
+    path = Path(root) / ".tlp"
     path.mkdir(parents=True, exist_ok=True)
-    ignore = path / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text(
-            "# tlp's local state (locks, Prefect home, downloads); never commit it\n*\n"
-        )
+    if not (path / ".gitignore").exists():
+        (path / ".gitignore").write_text("# tlp's local state; never commit it\n*\n")
     return path
 
 
@@ -51,11 +46,10 @@ def workspace_lock(root: str | Path, what: str) -> Iterator[None]:
 
     Args:
         root: the project root (the folder holding ``dvc.yaml``).
-        what: a short description of the holder, shown to whoever is refused
-            (e.g. ``"tlp run 'cheerful-tortoise'"``).
+        what: who holds it, shown to whoever is refused (e.g. ``"flow run 'cheerful-tortoise'"``).
 
     Raises:
-        WorkspaceBusyError: another process holds the lock; the message names its PID.
+        WorkspaceBusyError: another process holds the lock; the message names it.
     """
     folder = tlp_dir(root)
     lock = FileLock(str(folder / LOCK_FILE))
@@ -63,27 +57,19 @@ def workspace_lock(root: str | Path, what: str) -> Iterator[None]:
         lock.acquire(timeout=0)
     except LockTimeout:
         raise WorkspaceBusyError(_busy_message(folder)) from None
-    holder = folder / HOLDER_FILE
+    since = datetime.now(UTC).isoformat(timespec="seconds")
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "what": what}
     try:
-        holder.write_text(
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
-                    "since": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "what": what,
-                }
-            )
-        )
+        (folder / HOLDER_FILE).write_text(json.dumps(holder))
         yield
     finally:
-        holder.unlink(missing_ok=True)
+        (folder / HOLDER_FILE).unlink(missing_ok=True)
         lock.release()
 
 
 def current_holder(root: str | Path) -> dict[str, Any] | None:
     """Who holds the workspace lock now, or ``None`` if nobody does (never blocks)."""
-    folder = Path(root) / TLP_DIR
+    folder = Path(root) / ".tlp"
     if not (folder / LOCK_FILE).exists():
         return None
     lock = FileLock(str(folder / LOCK_FILE))
@@ -105,9 +91,9 @@ def _read_holder(folder: Path) -> dict[str, Any]:
 def _busy_message(folder: Path) -> str:
     holder = _read_holder(folder)
     pid = holder.get("pid", "unknown")
-    who = f"{holder.get('what', 'another tlp run')} (PID {pid} on {holder.get('host', '?')}, since {holder.get('since', '?')})"
+    who = f"{holder.get('what', 'another tlp run')} (PID {pid} on {holder.get('host', '?')}, "
     return (
-        f"this workspace is busy: {who} holds {folder / LOCK_FILE}. Two runs in one workspace "
-        f"would overwrite each other's outputs; wait for it to finish (or stop it: kill {pid}) "
-        "and run again."
+        f"this workspace is busy: {who}since {holder.get('since', '?')}) holds "
+        f"{folder / LOCK_FILE}. Two runs in one workspace would overwrite each other's "
+        f"outputs; wait for it to finish (or stop it: kill {pid}) and run again."
     )

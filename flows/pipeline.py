@@ -1,21 +1,18 @@
 """The pipeline as one Prefect flow, with one Prefect task per DVC stage.
 
 The stages and their order come from ``dvc.yaml`` (DVC's graph), never from a list here.
-DVC decides what is cached: ``dvc status`` is asked once, up-to-date stages finish at once
-as *Cached*, and the others run through ``dvc repro --single-item <stage>``, their output
-streamed line by line into the task's log. Prefect adds the rest: schedules, retries (only
-for a transient network failure in ``fetch``), the dashboard, per-stage states, logs and
-artifacts.
-
-Run it with ``tlp run`` (flows/cli.py), serve it with ``tlp serve``, or deploy it to a work
-pool with ``prefect deploy`` (prefect.yaml; entrypoint ``flows/pipeline.py:pipeline``).
+One DVC worker process (:mod:`flows.dvc_worker`) holds DVC's repo lock for the whole run
+and does the DVC work: the status is read once, up-to-date stages finish at once as
+*Cached*, and the others are reproduced one at a time, their output logged line by line.
+Prefect adds schedules, retries (only for a transient failure, exit 75, in ``fetch``), the
+dashboard, per-stage states, logs and artifacts. Run it with ``tlp run``, serve it with
+``tlp serve``, or deploy it with ``prefect deploy`` (entrypoint in prefect.yaml).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow, get_run_logger, task
@@ -30,88 +27,72 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 from prefect.utilities.annotations import quote
 
-from flows import reports, stages
+from flows import reports
+from flows.dvc_worker import DvcWorker
 from flows.locking import workspace_lock
 from flows.reports import StageOutcome
-from flows.stages import DvcBusyError, Pipeline, StageFailedError, TransientStageError
+from flows.stages import DvcBusyError, Pipeline, StageFailedError, TransientStageError, run_reason
 from flows.workspace import overrides_applied, project_root, validate_overrides
+from tasks.common import read_json
 from tasks.params import load_params
 
 FLOW_NAME = "tlp-pipeline"
 
 
-def _network_error(task: Any, task_run: Any, state: State) -> bool:
-    """Retry condition: only a download that kept failing is worth another attempt."""
+def _transient(task: Any, task_run: Any, state: State) -> bool:
+    """Retry condition: only a transient failure (exit 75) is worth another attempt."""
     return isinstance(state.result(raise_on_failure=False), TransientStageError)
 
 
 # Task options beyond the defaults, by stage name. fetch already retries each download
 # itself (fetch.retries); a task retry waits longer, for an outage rather than a blip.
 STAGE_TASK_OPTIONS: dict[str, dict[str, Any]] = {
-    "fetch": {
-        "retries": 2,
-        "retry_delay_seconds": [30, 120],
-        "retry_condition_fn": _network_error,
-    },
+    "fetch": {"retries": 2, "retry_delay_seconds": [30, 120], "retry_condition_fn": _transient},
+}
+# What DVC did with a stage it was asked to reproduce -> (state name, message, why).
+AFTER_REPRO = {
+    "ran": ("Completed", "ran: {reason}", "{reason}"),
+    "restored": ("Cached", "restored from DVC's run cache", "{reason}; DVC run cache hit"),
+    "cached": ("Cached", "DVC found it up to date", "DVC found it up to date"),
 }
 
 
-def run_stage(
-    root: str,
-    stage: str,
-    step: str,
-    stale: bool,
-    why: str,
-    changed_upstream: list[str],
-    force: bool = False,
-) -> State:
-    """Bring one stage up to date through DVC.
+def bring_stage_up_to_date(dvc: DvcWorker, stage: str, step: str, reason: str) -> State:
+    """The body of a stage's task: bring one stage up to date through DVC.
 
     Args:
-        root: the project root.
+        dvc: the flow run's DVC worker (a live connection: tasks called from a flow run in
+            the flow's process).
         stage: the stage name.
         step: its place in the run, e.g. ``"4/6"``, for progress lines.
-        stale: whether ``dvc status`` reported it changed before the run.
-        why: the reason it is stale, from ``dvc status``.
-        changed_upstream: stages it depends on that ran in this flow run.
-        force: its outside source changed behind an unchanged param; run it with ``-f``.
+        reason: why it must run (:func:`flows.stages.run_reason`); "" if it need not.
 
     Returns:
-        A *Completed* state if the stage ran, or a *Cached* one (also Completed) if it was
-        up to date; its data is the :class:`~flows.reports.StageOutcome`.
+        *Completed* if the stage ran, *Cached* (also a Completed state) if it was up to
+        date; the state's data is the :class:`~flows.reports.StageOutcome`.
 
     Raises:
         StageFailedError: the stage failed; the message is the stage's own error.
     """
     logger = get_run_logger()
-    if not stale and not changed_upstream:
+    if not reason:
         logger.info("[%s] %s: up to date (dvc status), cached", step, stage)
         outcome = StageOutcome(stage, "cached", 0.0, "up to date")
         return Completed(name="Cached", message="up to date, not run", data=outcome)
-    reason = why or f"{', '.join(changed_upstream)} re-ran upstream"
     logger.info("[%s] %s: running, because %s", step, stage, reason)
-    result = stages.repro(Path(root), stage, emit=logger.log, force=force)
-    if result.ran:
-        logger.info("[%s] %s: done in %.1fs", step, stage, result.seconds)
-        outcome = StageOutcome(stage, "ran", result.seconds, reason)
-        return Completed(message=f"ran: {reason}", data=outcome)
-    if result.restored:
-        outcome = StageOutcome(stage, "restored", result.seconds, f"{reason}; DVC run cache hit")
-        return Completed(name="Cached", message="restored from DVC's run cache", data=outcome)
-    outcome = StageOutcome(stage, "cached", result.seconds, "DVC found it up to date")
-    return Completed(name="Cached", message="DVC found it up to date", data=outcome)
+    started = time.perf_counter()
+    done = dvc.reproduce(stage, emit=logger.info)
+    seconds = round(time.perf_counter() - started, 1)
+    logger.info("[%s] %s: %s in %.1fs", step, stage, "done" if done == "ran" else done, seconds)
+    name, message, why = (text.format(reason=reason) for text in AFTER_REPRO[done])
+    return Completed(name=name, message=message, data=StageOutcome(stage, done, seconds, why))
 
 
 def stage_task(stage: str) -> Task:
     """The Prefect task for one stage: named after it, never cached by Prefect (DVC does)."""
-    return task(
-        run_stage,
-        name=stage,
-        task_run_name=stage,
-        cache_policy=NO_CACHE,
-        persist_result=False,
-        **STAGE_TASK_OPTIONS.get(stage, {}),
-    )
+    options = STAGE_TASK_OPTIONS.get(stage, {})
+    return task(bring_stage_up_to_date, name=stage, task_run_name=stage, cache_policy=NO_CACHE,
+                persist_result=False, **options)  # fmt: skip
 
 
 @flow(name=FLOW_NAME, description="Fetch, prepare, train, evaluate and export, through DVC.")
@@ -135,27 +116,35 @@ def pipeline(
     root = project_root(os.environ.get("TLP_PROJECT_DIR"))
     run_name = flow_run.get_name()
     outcomes: list[StageOutcome] = []
-    experiment = ""
+    experiment = "none"
     with workspace_lock(root, f"flow run {run_name!r}"):
         changes = validate_overrides(root, overrides)
         if changes:
             logger.info("params overrides for this run: %s", changes)
-        try:
-            with overrides_applied(root, changes):
-                plan = stages.read_pipeline(root)
-                logger.info("pipeline from dvc.yaml: %s", " -> ".join(plan.names))
-                bring_up_to_date(plan, outcomes)
-                experiment = record_run(plan, outcomes, run_name, save_experiment)
-        except StageFailedError as exc:
-            stages.restore_outputs(root, exc.stage, emit=logger.log)
-            raise
-        finally:
-            publish_stage_table(outcomes, experiment)
+        with DvcWorker(root, emit=logger.info) as dvc:  # holds DVC's lock from here on
+            try:
+                with overrides_applied(root, changes):  # put back if a stage fails
+                    plan = dvc.pipeline()
+                    logger.info("pipeline from dvc.yaml: %s", " -> ".join(plan.names))
+                    bring_up_to_date(dvc, plan, outcomes)
+                if save_experiment:
+                    experiment = record_run(dvc, outcomes, run_name)
+            except StageFailedError as exc:
+                restore_outputs(dvc, exc.stage)
+                raise
+            finally:
+                ran = sum(o.outcome == "ran" for o in outcomes)
+                create_table_artifact(
+                    [vars(outcome) for outcome in outcomes],
+                    key="pipeline-stages",
+                    description=f"Per stage: ran or cached, and why (from dvc status before "
+                    f"the run). {ran} of {len(outcomes)} ran. DVC experiment: {experiment}.",
+                )
         publish_results(plan)
     return {outcome.stage: outcome.outcome for outcome in outcomes}
 
 
-def bring_up_to_date(plan: Pipeline, outcomes: list[StageOutcome]) -> None:
+def bring_up_to_date(dvc: DvcWorker, plan: Pipeline, outcomes: list[StageOutcome]) -> None:
     """Run one task per stage, dependencies first; append each outcome as it is known.
 
     Raises:
@@ -166,35 +155,27 @@ def bring_up_to_date(plan: Pipeline, outcomes: list[StageOutcome]) -> None:
     )
     changed: set[str] = set()
     states: dict[str, State] = {}
-    total = len(plan.stages)
     for index, stage in enumerate(plan.stages, start=1):
-        changed_upstream = [name for name in stage.upstream if name in changed]
         started = time.perf_counter()
         state = states[stage.name] = stage_task(stage.name)(
-            str(plan.root),
+            quote(dvc),  # a live connection: Prefect must not inspect or copy it
             stage.name,
-            f"{index}/{total}",
-            stage.stale,
-            stage.reason,
-            quote(changed_upstream),  # names, not results: no dependency edges from them
-            stage.force,
+            f"{index}/{len(plan.stages)}",
+            run_reason(stage, changed),
             wait_for=[states[name] for name in stage.needs],  # dvc.yaml's edges in the UI graph
             return_state=True,
         )
         if not state.is_completed():
             error = state.result(raise_on_failure=False)
-            elapsed = time.perf_counter() - started
-            outcomes.append(StageOutcome(stage.name, "failed", elapsed, str(error)))
-            outcomes += [
-                StageOutcome(later.name, "not run", 0.0, f"{stage.name} failed")
-                for later in plan.stages[index:]
-            ]
+            seconds = round(time.perf_counter() - started, 1)
+            outcomes.append(StageOutcome(stage.name, "failed", seconds, str(error)))
+            outcomes += [StageOutcome(s.name, "not run", 0.0, f"{stage.name} failed")
+                         for s in plan.stages[index:]]  # fmt: skip
             raise _flow_error(stage.name, error)
-        outcome: StageOutcome = state.result()
-        outcomes.append(outcome)
-        if outcome.outcome in ("ran", "restored"):
+        outcomes.append(state.result())
+        if outcomes[-1].outcome in ("ran", "restored"):
             changed.add(stage.name)
-        update_progress_artifact(progress, 100.0 * index / total)
+        update_progress_artifact(progress, 100.0 * index / len(plan.stages))
 
 
 def _flow_error(stage: str, error: Any) -> Exception:
@@ -202,76 +183,58 @@ def _flow_error(stage: str, error: Any) -> Exception:
     if isinstance(error, DvcBusyError):
         return DvcBusyError(str(error))
     if isinstance(error, StageFailedError):
-        return StageFailedError(error.stage, error.error)
+        return type(error)(error.stage, error.error)
     return StageFailedError(stage, str(error))
 
 
-def record_run(plan: Pipeline, outcomes: list[StageOutcome], run_name: str, save: bool) -> str:
+def restore_outputs(dvc: DvcWorker, stage: str) -> None:
+    """Put a failed stage's previous outputs back (``dvc checkout``): DVC deleted them
+    before running it. Best effort: a stage that never succeeded has nothing to restore."""
+    try:
+        dvc.checkout(stage)
+    except RuntimeError as exc:
+        get_run_logger().warning("could not restore the outputs of %s: %s", stage, exc)
+    else:
+        get_run_logger().info("restored the previous outputs of %s from the DVC cache", stage)
+
+
+def record_run(dvc: DvcWorker, outcomes: list[StageOutcome], name: str) -> str:
     """Save the run as a DVC experiment if a stage ran; return its name or why not."""
     logger = get_run_logger()
-    if not save:
-        return "not saved (save_experiment=False)"
     if not any(o.outcome in ("ran", "restored") for o in outcomes):
         return "not saved: nothing ran, the results are those of the previous run"
-    if not plan.scm:
-        logger.warning("not saving a DVC experiment: the project is not a git repo with a commit")
-        return "not saved: no git commit to attach it to"
     try:
-        name = stages.save_experiment(plan.root, run_name, list(plan.uncached_outputs))
+        name = dvc.save_experiment(name)
     except RuntimeError as exc:
-        logger.warning("%s; the run itself succeeded. Fix the cause and run `dvc exp save`.", exc)
+        logger.warning("not saved as a DVC experiment: %s; the run itself succeeded", exc)
         return f"not saved: {exc}"
     logger.info("saved as DVC experiment %s (compare runs with `dvc exp show`)", name)
     return name
 
 
-def publish_stage_table(outcomes: list[StageOutcome], experiment: str) -> None:
-    """Publish the per-stage table: ran or cached, how long, and why."""
-    if not outcomes:
-        return
-    ran = sum(o.outcome == "ran" for o in outcomes)
-    create_table_artifact(
-        reports.stages_table(outcomes),
-        key="pipeline-stages",
-        description=f"Per stage: ran or cached, and why (from dvc status before the run). "
-        f"{ran} of {len(outcomes)} ran. DVC experiment: {experiment or 'none'}.",
-    )
-
-
 def publish_results(plan: Pipeline) -> None:
     """Publish the evaluation metrics, the confusion matrix and the export parity result."""
-    logger = get_run_logger()
-    root = plan.root
-    for path in plan.metrics.get("evaluate", ()):
-        if path.endswith(".json") and (root / path).is_file():
-            metrics = reports.read_json(root / path)
-            create_table_artifact(
-                reports.metrics_table(metrics),
-                key="eval-metrics",
-                description=f"Test-split metrics ({path}, stage evaluate)",
-            )
-            per_class = metrics.get("per_class") or {}
-            break
-    else:
-        logger.warning("stage evaluate lists no JSON metrics file; no metrics artifact")
-        per_class = {}
+    root, per_class = plan.root, {}
+    json_files = {stage: [root / p for p in paths if p.endswith(".json") and (root / p).is_file()]
+                  for stage, paths in plan.metrics.items()}  # fmt: skip
+    for path in json_files.get("evaluate", [])[:1]:
+        metrics = read_json(path)
+        per_class = metrics.get("per_class") or {}
+        description = f"Test-split metrics ({path.relative_to(root)}, stage evaluate)"
+        create_table_artifact(reports.metrics_table(metrics), "eval-metrics", description)
     for plot in plan.plots.get("evaluate", ()):
-        if plot.props.get("template") == "confusion" and (root / plot.path).is_file():
-            counts = reports.confusion_counts(
-                root / plot.path, plot.props.get("x", "actual"), plot.props.get("y", "predicted")
-            )
+        if plot.get("template") == "confusion" and (root / plot["path"]).is_file():
+            axes = plot.get("x", "actual"), plot.get("y", "predicted")
+            counts = reports.confusion_counts(root / plot["path"], *axes)
             create_markdown_artifact(
                 reports.confusion_markdown(counts, list(per_class), per_class),
                 key="confusion-matrix",
-                description=f"Confusion matrix of the test split ({plot.path})",
+                description=f"Confusion matrix of the test split ({plot['path']})",
             )
-    for path in plan.metrics.get("export", ()):
-        if path.endswith(".json") and (root / path).is_file():
-            export = load_params(root / "params.yaml").export
-            create_table_artifact(
-                reports.parity_table(
-                    reports.read_json(root / path), export.atol, export.min_top1_agreement
-                ),
-                key="export-parity",
-                description=f"ONNX export parity with the Keras model ({path}, stage export)",
-            )
+    for path in json_files.get("export", [])[:1]:
+        gates = load_params(root / "params.yaml").export
+        create_table_artifact(
+            reports.parity_table(read_json(path), gates.atol, gates.min_top1_agreement),
+            key="export-parity",
+            description=f"ONNX export parity with Keras ({path.relative_to(root)}, stage export)",
+        )

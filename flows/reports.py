@@ -7,7 +7,6 @@ these decide what they say. Nothing here imports Prefect.
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,39 +15,14 @@ from typing import Any
 
 @dataclass(frozen=True)
 class StageOutcome:
-    """What happened to one stage in one flow run.
-
-    Attributes:
-        stage: the stage name.
-        outcome: ``ran`` | ``cached`` (up to date, nothing done) | ``restored`` (DVC took
-            the outputs from its run cache) | ``failed`` | ``not run`` (an upstream failed).
-        seconds: wall time spent on it.
-        why: why it ran (from ``dvc status`` before the run), or why it did not.
-    """
+    """What happened to one stage in one flow run: ``outcome`` is ``ran``, ``cached`` (up
+    to date), ``restored`` (from DVC's run cache), ``failed`` or ``not run`` (an upstream
+    failed); ``seconds`` the wall time (0.1 s); ``why`` the reason it ran, or did not."""
 
     stage: str
     outcome: str
     seconds: float
     why: str
-
-    def to_row(self) -> dict[str, Any]:
-        """One row of the stages table."""
-        return {
-            "stage": self.stage,
-            "outcome": self.outcome,
-            "seconds": round(self.seconds, 1),
-            "why": self.why,
-        }
-
-
-def stages_table(outcomes: list[StageOutcome]) -> list[dict[str, Any]]:
-    """The per-stage table: outcome, time and reason, in pipeline order."""
-    return [outcome.to_row() for outcome in outcomes]
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object."""
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -82,20 +56,17 @@ def confusion_markdown(
         Markdown with one table for the matrix (diagonal in bold) and one for the scores.
     """
     names = list(classes) + sorted({c for pair in counts for c in pair} - set(classes))
-    total = sum(counts.values())
     correct = sum(counts.get((name, name), 0) for name in names)
     lines = [
         f"**Confusion matrix**: rows are the actual class, columns the predicted class; "
-        f"{correct} of {total} test images on the diagonal.",
+        f"{correct} of {sum(counts.values())} test images on the diagonal.",
         "",
         "| actual \\ predicted | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
     ]
     for actual in names:
-        cells = []
-        for predicted in names:
-            count = counts.get((actual, predicted), 0)
-            cells.append(f"**{count}**" if actual == predicted else str(count))
+        cells = [str(counts.get((actual, predicted), 0)) for predicted in names]
+        cells[names.index(actual)] = f"**{cells[names.index(actual)]}**"  # the diagonal
         lines.append(f"| **{actual}** | " + " | ".join(cells) + " |")
     if per_class:
         lines += ["", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
@@ -108,39 +79,19 @@ def confusion_markdown(
     return "\n".join(lines) + "\n"
 
 
-def parity_table(
-    export: dict[str, Any], atol: float, min_top1_agreement: float
-) -> list[dict[str, Any]]:
-    """The ONNX export's parity result (``metrics/export.json``) against its gates.
-
-    Args:
-        export: the export metrics.
-        atol: ``export.atol``, the largest allowed |ONNX - Keras| probability difference.
-        min_top1_agreement: ``export.min_top1_agreement``.
-
-    Returns:
-        check/value/limit/passed rows.
-    """
-    agreement = export.get("top1_agreement")
-    diff = export.get("max_abs_diff")
+def parity_table(export: dict[str, Any], atol: float, min_agreement: float) -> list[dict]:
+    """The ONNX export's parity (``metrics/export.json``) against its gates: check, value,
+    limit, passed rows (``atol`` and ``min_agreement`` are ``export.atol`` and
+    ``export.min_top1_agreement``)."""
+    agreement, diff = export.get("top1_agreement"), export.get("max_abs_diff")
     rows = [
-        {
-            "check": "top-1 agreement, ONNX vs Keras",
-            "value": _round(agreement),
-            "limit": f">= {min_top1_agreement}",
-            "passed": agreement is not None and agreement >= min_top1_agreement,
-        },
-        {
-            "check": "max |ONNX - Keras| probability",
-            "value": diff,
-            "limit": f"<= {atol}",
-            "passed": diff is not None and diff <= atol,
-        },
-    ]
-    for key in ("parity_images", "opset", "onnx_bytes"):
-        if key in export:
-            rows.append({"check": key, "value": export[key], "limit": "", "passed": ""})
-    return rows
+        ("top-1 agreement, ONNX vs Keras", _round(agreement), f">= {min_agreement}",
+         agreement is not None and agreement >= min_agreement),
+        ("max |ONNX - Keras| probability", diff, f"<= {atol}", diff is not None and diff <= atol),
+        *((key, export[key], "", "") for key in ("parity_images", "opset", "onnx_bytes")
+          if key in export),
+    ]  # fmt: skip
+    return [dict(zip(("check", "value", "limit", "passed"), row, strict=True)) for row in rows]
 
 
 def _round(value: Any) -> Any:

@@ -1,9 +1,10 @@
 """The project on disk: where its root is, and params overrides written into ``params.yaml``.
 
-Overrides are validated with the stages' own parser (:mod:`tasks.params`) before anything
-is written, then written into ``params.yaml`` (like ``dvc exp run --set-param``), so that
-``dvc repro`` reproduces the run later and ``dvc exp save`` records the values. This module
-imports neither Prefect nor DVC at import time, so the command line stays fast.
+Overrides (``tlp run -S``) and presets (partial params files in ``presets/``, ``tlp preset``)
+are validated with the stages' own parser (:mod:`tasks.params`) before anything is written,
+then written into ``params.yaml`` (like ``dvc exp run --set-param``), comments and key order
+kept: ``dvc repro`` reproduces the run later, ``git diff params.yaml`` shows what changed.
+This module imports neither Prefect nor DVC, so the command line stays fast.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from tasks.common import atomic_path
 from tasks.params import ParamsError, apply_overrides, parse_params, parse_yaml, read_yaml
 
 MAX_VALUE_CHARS = 4096  # one -S value; a params value is never near this
-
 PARAMS_FILE = "params.yaml"
+PRESETS_DIR = "presets"
 
 
 class NotAProjectError(RuntimeError):
@@ -83,7 +84,7 @@ def validate_overrides(root: Path, overrides: Mapping[str, Any] | None) -> dict[
         return {}
     raw = read_yaml(root / PARAMS_FILE)
     parsed = parse_params(apply_overrides(raw, dict(overrides))).model_dump(mode="json")
-    return {key: _lookup(parsed, key) for key in overrides}
+    return {key: lookup(parsed, key) for key in overrides}
 
 
 @contextlib.contextmanager
@@ -92,33 +93,57 @@ def overrides_applied(root: Path, overrides: Mapping[str, Any]) -> Iterator[None
 
     On success the new values stay, so ``dvc repro`` reproduces the run. On failure the
     file is put back as it was, so the next run does not repeat a failing override.
-    Comments and key order in ``params.yaml`` are kept (ruamel round-trip, as DVC does).
     """
-    if not overrides:
-        yield
-        return
     path = root / PARAMS_FILE
     original = path.read_text(encoding="utf-8")
-    _write_params(path, _with_overrides(original, overrides))
+    write_overrides(root, overrides)
     try:
         yield
     except BaseException:
-        _write_params(path, original)
+        if overrides:
+            _write(path, original)
         raise
 
 
-def _with_overrides(text: str, overrides: Mapping[str, Any]) -> str:
-    # ruamel (DVC's YAML library) round-trips comments, key order and quoting.
+def presets(root: Path) -> list[str]:
+    """Names of the presets in ``root/presets``."""
+    return sorted(path.stem for path in (root / PRESETS_DIR).glob("*.yaml"))
+
+
+def apply_preset(root: Path, name: str) -> dict[str, Any]:
+    """Write a preset (a name in ``presets/``, or a YAML file) into ``params.yaml``.
+
+    Returns:
+        The values written, as dotted keys.
+
+    Raises:
+        ParamsError: no such preset (the message lists them), or a value is invalid
+            (then nothing is written).
+    """
+    is_file = name.endswith((".yaml", ".yml"))
+    path = Path(name) if is_file else root / PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ParamsError(f"unknown preset {name!r}; available: {', '.join(presets(root))}")
+    changes = validate_overrides(root, dotted_keys(read_yaml(path)))
+    write_overrides(root, changes)
+    return changes
+
+
+def write_overrides(root: Path, overrides: Mapping[str, Any]) -> None:
+    """Write validated overrides into ``params.yaml``, keeping comments, order and quoting
+    (a ruamel round-trip: DVC's YAML library)."""
+    if not overrides:
+        return
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedSeq
 
     round_trip = YAML()
     round_trip.preserve_quotes = True
     round_trip.width = 4096  # never re-wrap long lines
-    round_trip.representer.add_representer(
-        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
-    )
-    data = round_trip.load(text)
+    null = lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")  # noqa: E731
+    round_trip.representer.add_representer(type(None), null)
+    path = root / PARAMS_FILE
+    data = round_trip.load(path.read_text(encoding="utf-8"))
     for dotted, value in overrides.items():
         *sections, key = dotted.split(".")
         node = data
@@ -130,18 +155,32 @@ def _with_overrides(text: str, overrides: Mapping[str, Any]) -> str:
         node[key] = value
     stream = io.StringIO()
     round_trip.dump(data, stream)
-    return stream.getvalue()
+    _write(path, stream.getvalue())
 
 
-def _write_params(path: Path, text: str) -> None:
+def _write(path: Path, text: str) -> None:
     mode = path.stat().st_mode
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
         os.chmod(tmp, mode)  # mkstemp creates 0600; keep the file's own permissions
 
 
-def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
+def lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key (``"train.fine_tune.enabled"``), or ``None`` if it is absent."""
     node: Any = data
     for part in dotted.split("."):
-        node = node[part]
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
     return node
+
+
+def dotted_keys(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Sections as dotted keys: ``{"train": {"epochs": 5}}`` -> ``{"train.epochs": 5}``."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -192,6 +192,10 @@ def sha256_file(path: str | Path) -> str:
 EXIT_OK = 0
 EXIT_FAILED = 1  # the stage cannot go on with these inputs or params; retrying will not help
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL (sysexits.h): a passing failure (network); retry later
+# When set, the stage writes {"stage", "exit_code", "error"} as JSON to this path before it
+# exits: how the flow learns that the command ran and how it ended (DVC's Python API does not
+# pass the exit code on).
+RESULT_ENV = "TLP_STAGE_RESULT"
 
 
 class StageError(RuntimeError):
@@ -205,6 +209,10 @@ class TransientError(StageError):
 def run_stage(name: str, body: Callable[[], Any]) -> int:
     """Run a stage's ``main`` body, turning expected errors into one clear line and exit 1.
 
+    When ``$TLP_STAGE_RESULT`` names a file, the outcome is also written there as JSON
+    (``{"stage", "exit_code", "error"}``), also for an unexpected exception, which is then
+    raised again for its traceback.
+
     Args:
         name: the stage name, used as the prefix of the error line.
         body: the work; it may raise :class:`StageError`, :class:`ParamsError` or ``ValueError``.
@@ -214,13 +222,24 @@ def run_stage(name: str, body: Callable[[], Any]) -> int:
         :data:`EXIT_TRANSIENT` for a :class:`TransientError`.
     """
     setup_logging()
+    code, error = EXIT_OK, ""
     try:
         body()
     except (StageError, ParamsError, ValueError, OSError) as exc:
         log.error("%s failed: %s", name, exc)
         print(f"ERROR: {name}: {exc}", file=sys.stderr)
-        return EXIT_TRANSIENT if isinstance(exc, TransientError) else EXIT_FAILED
-    return EXIT_OK
+        code = EXIT_TRANSIENT if isinstance(exc, TransientError) else EXIT_FAILED
+        error = str(exc)
+    except BaseException as exc:
+        _write_result(name, EXIT_FAILED, f"{type(exc).__name__}: {exc}")
+        raise
+    _write_result(name, code, error)
+    return code
+
+
+def _write_result(stage: str, exit_code: int, error: str) -> None:
+    if os.environ.get(RESULT_ENV):
+        write_json(os.environ[RESULT_ENV], {"stage": stage, "exit_code": exit_code, "error": error})
 
 
 def set_determinism(seed: int) -> None:

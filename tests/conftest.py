@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tasks.params import load_params
+from flows.workspace import dotted_keys
+from tasks.params import apply_overrides, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")  # the shipped defaults, the only ones there are
@@ -41,14 +44,40 @@ SHRUNK = {
 }
 
 
-def deep_update(base: dict, extra: dict) -> dict:
-    """Recursively merge ``extra`` into ``base`` (in place) and return it."""
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
+def merged(base: dict, changes: dict) -> dict:
+    """A copy of params ``base`` with the sections of ``changes`` merged in, key by key."""
+    return apply_overrides(base, dotted_keys(changes))
+
+
+def require(available: bool, what: str) -> None:
+    """Skip the calling test when a test dependency is missing; under ``CI=true``, fail it.
+
+    Locally a missing package skips, saying what to install; in CI the run must not go
+    green by skipping what it was meant to test.
+
+    Args:
+        available: whether the dependency is there.
+        what: what is missing and how to get it, e.g. ``"chromium (apt-get install chromium)"``.
+    """
+    if available:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what} is missing, and CI=true: install it", pytrace=False)
+    pytest.skip(f"{what} is missing")
+
+
+def requires(available: bool, what: str) -> Callable[[Callable], Callable]:
+    """:func:`require` as a decorator for a test function."""
+
+    def decorate(test: Callable) -> Callable:
+        @functools.wraps(test)
+        def checked(*args, **kwargs):
+            require(available, what)
+            return test(*args, **kwargs)
+
+        return checked
+
+    return decorate
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -65,7 +94,10 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.C
 
 
 def make_project(dest: Path, params: dict | None = None) -> Path:
-    """Copy the pipeline into ``dest`` as a fresh git + DVC repo with merged params."""
+    """Copy the pipeline into ``dest`` as a fresh git + DVC repo with merged params.
+
+    Also used by the benchmarks (bench/), which copy the project the same way.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         source = ROOT / name
@@ -74,8 +106,8 @@ def make_project(dest: Path, params: dict | None = None) -> Path:
         elif source.exists():
             shutil.copy2(source, dest / name)
     with (ROOT / "params.yaml").open() as handle:
-        merged = deep_update(yaml.safe_load(handle), params or {})
-    (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+        data = merged(yaml.safe_load(handle), params or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     run(["git", "init", "-q"], dest)
     run(["git", "config", "user.email", "test@example.com"], dest)
     run(["git", "config", "user.name", "test"], dest)
@@ -89,15 +121,15 @@ def make_project(dest: Path, params: dict | None = None) -> Path:
 def write_params(path: Path, changes: dict) -> Path:
     """Write the shipped params.yaml to ``path`` with ``changes`` merged in; return ``path``."""
     with (ROOT / "params.yaml").open() as handle:
-        merged = deep_update(yaml.safe_load(handle), changes)
-    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+        data = merged(yaml.safe_load(handle), changes)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
 def set_params(project: Path, changes: dict) -> None:
     """Merge ``changes`` into the project's params.yaml."""
     path = project / "params.yaml"
-    data = deep_update(yaml.safe_load(path.read_text()), changes)
+    data = merged(yaml.safe_load(path.read_text()), changes)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 

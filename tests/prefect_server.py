@@ -8,6 +8,7 @@ Every wait is bounded; every process started here is stopped at the end of the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -60,6 +61,30 @@ def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
             process.wait(timeout=timeout)
         except ProcessLookupError:
             pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc (deepest last)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def reaped(pid: int) -> bool:
+    """Whether ``pid`` has exited (and, if it became our child, has been reaped)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: gone, or another's
+        return not Path(f"/proc/{pid}").exists()
+    return done == pid
 
 
 def spawn(

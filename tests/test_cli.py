@@ -193,3 +193,15 @@ def test_workspace_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     assert f"kill {os.getpid()}" in second.stdout
     assert current_holder(tmp_path) is None  # released with the block
     assert (tmp_path / ".tlp/.gitignore").read_text().splitlines()[-1] == "*"
+
+
+def test_preset_lists_writes_and_refuses_unknown_names(project):
+    assert "mnist" in tlp(project, "preset").stdout.split()
+    unknown = tlp(project, "preset", "nope", check=False)
+    assert unknown.returncode == 1 and "unknown preset 'nope'; available: " in unknown.stderr
+
+    tlp(project, "preset", "mnist")
+    preset = yaml.safe_load((project / "presets/mnist.yaml").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["fetch"]["source"] == preset["fetch"]["source"]
+    assert run(["git", "diff", "--stat"], project).stdout.strip().startswith("params.yaml")

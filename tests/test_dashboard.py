@@ -5,11 +5,13 @@ Screenshots are kept in tests/artifacts/ (git-ignored) for a person to look at.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from tests.prefect_server import ARTIFACTS, STAGES, shared_pipeline
 
 pytestmark = pytest.mark.slow
@@ -36,10 +38,13 @@ def pipeline(request, tmp_path_factory):
 @pytest.fixture
 def page(tmp_path):
     """A page in headless chromium with a fresh profile."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    with sync_api.sync_playwright() as playwright:
+    require(
+        importlib.util.find_spec("playwright") is not None, "playwright (pip install -e '.[dev]')"
+    )
+    require(CHROMIUM.exists(), f"{CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"),
             executable_path=str(CHROMIUM),

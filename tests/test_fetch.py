@@ -24,7 +24,7 @@ from tasks.common import EXIT_TRANSIENT, StageError, TransientError
 from tasks.download import cache_name
 from tasks.fetch import FetchResult, fetch
 from tasks.params import FetchParams, ParamsError, load_params, read_yaml, with_changes
-from tests.conftest import PARAMS, write_params
+from tests.conftest import PARAMS, requires, write_params
 from tests.httpserver import FileServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,8 +153,9 @@ def test_an_invalid_descriptor_names_its_problems(tmp_path: Path) -> None:
     assert not (tmp_path / "raw").exists()
 
 
-@pytest.mark.skipif(
-    not DEBIAN_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
+@requires(
+    DEBIAN_FASHION.is_dir(),
+    "Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
 )
 def test_builtin_fashion_mnist_from_the_debian_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
