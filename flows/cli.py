@@ -6,7 +6,7 @@
 ``tlp server``                    the Prefect dashboard on http://127.0.0.1:4200
 ``tlp serve [--cron|--interval]`` serve the flow as a (scheduled) deployment
 ``tlp predict ...``               ``tasks.predict`` (argv forwarded as is)
-``tlp explain IMAGE...``          ``tasks.explain``: Grad-CAM overlay PNGs
+``tlp explain IMAGE...``          ``tasks.overlay``: Grad-CAM overlay PNGs
 ``tlp preset [NAME]``             list the presets, or write one into params.yaml
 
 Prefect, DVC and TensorFlow are imported inside the subcommands, never here, so that
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return predict(argv[1:])
     if argv[:1] == ["explain"]:  # Grad-CAM overlays; imports TensorFlow only when run
-        from tasks.explain import main as explain
+        from tasks.overlay import main as explain
 
         return explain(argv[1:])
     args = build_parser().parse_args(argv)

@@ -217,9 +217,11 @@ def publish_results(plan: Pipeline) -> None:
     root, per_class = plan.root, {}
     json_files = {stage: [root / p for p in paths if p.endswith(".json") and (root / p).is_file()]
                   for stage, paths in plan.metrics.items()}  # fmt: skip
+    for plot in plan.plots.get("evaluate", ()):
+        if plot.get("y") == "class" and (root / plot["path"]).is_file():  # per-class scores
+            per_class = reports.per_class_scores(root / plot["path"])
     for path in json_files.get("evaluate", [])[:1]:
         metrics = read_json(path)
-        per_class = metrics.get("per_class") or {}
         description = f"Test-split metrics ({path.relative_to(root)}, stage evaluate)"
         create_table_artifact(reports.metrics_table(metrics), "eval-metrics", description)
     for plot in plan.plots.get("evaluate", ()):

@@ -42,6 +42,16 @@ def confusion_counts(
         return dict(Counter((row[actual], row[predicted]) for row in csv.DictReader(handle)))
 
 
+def per_class_scores(path: Path) -> dict[str, dict[str, Any]]:
+    """Per-class precision, recall, F1 and support from the evaluate stage's CSV, by class."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        return {
+            row["class"]: {key: float(value) if key != "support" else int(value)
+                           for key, value in row.items() if key != "class"}
+            for row in csv.DictReader(handle)
+        }  # fmt: skip
+
+
 def confusion_markdown(
     counts: dict[tuple[str, str], int], classes: list[str], per_class: dict[str, Any] | None = None
 ) -> str:
@@ -50,7 +60,7 @@ def confusion_markdown(
     Args:
         counts: (actual, predicted) -> count, from :func:`confusion_counts`.
         classes: class names in display order; classes seen only in ``counts`` are appended.
-        per_class: ``metrics/eval.json``'s ``per_class`` mapping, if any.
+        per_class: per-class scores from :func:`per_class_scores`, if any.
 
     Returns:
         Markdown with one table for the matrix (diagonal in bold) and one for the scores.

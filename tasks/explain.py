@@ -9,14 +9,11 @@ class's score, averaged over each map: where the heat map is bright, the model l
   models too), or named with ``evaluate.explain_layer``.
 * :func:`contact_sheet` and :func:`error_gallery` draw the evaluate stage's
   ``plots/explain.png`` and ``plots/errors.png``.
-* ``tlp explain IMAGE... [--out DIR]`` (:func:`main`) writes an overlay PNG per image with the
-  trained model, decoding images exactly as ``prepare`` did.
+* ``tlp explain`` (:mod:`tasks.overlay`) uses them for images given on the command line.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +170,7 @@ class Tile:
     confidence: float
 
 
-def _sheet(tiles: list[Tile], title: str, path: Path, empty: str) -> None:
+def sheet(tiles: list[Tile], title: str, path: Path, empty: str) -> None:
     """Draw tiles in a grid (image | overlay pairs when heat maps are given) to a PNG."""
     import matplotlib
 
@@ -236,7 +233,7 @@ def contact_sheet(
         )
     ]
     title = f"Grad-CAM on {len(tiles)} test images (misclassified first), layer {explained.layer}"
-    _sheet(tiles, title, path, "no test images")
+    sheet(tiles, title, path, "no test images")
     return explained.layer
 
 
@@ -251,7 +248,7 @@ def error_gallery(
         for image, t, p, prob in zip(images, y_true, predicted, probabilities, strict=True)
     ]
     title = f"The {len(tiles)} most confidently wrong test images"
-    _sheet(tiles, title, path, "no misclassified test images")
+    sheet(tiles, title, path, "no misclassified test images")
 
 
 def most_confident_errors(y_true: np.ndarray, probabilities: np.ndarray, count: int) -> np.ndarray:
@@ -260,62 +257,3 @@ def most_confident_errors(y_true: np.ndarray, probabilities: np.ndarray, count: 
     wrong = np.flatnonzero(predicted != y_true)
     confidence = probabilities[wrong, predicted[wrong]]
     return wrong[np.argsort(-confidence, kind="stable")][:count]
-
-
-# -- tlp explain ----------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``tlp explain IMAGE... [--model models/model.keras] [--out explanations]``."""
-    parser = argparse.ArgumentParser(
-        prog="tlp explain",
-        description="Write a Grad-CAM overlay PNG per image: where the trained model looked.",
-    )
-    parser.add_argument("inputs", nargs="+", help="image files or folders of images")
-    parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
-    parser.add_argument("--info", type=Path, help="model.json (default: beside the model)")
-    parser.add_argument("--out", type=Path, default=Path("explanations"), help="output folder")
-    parser.add_argument("--layer", help="the layer to explain (default: the last convolution)")
-    args = parser.parse_args(argv)
-
-    from tasks.common import read_json, setup_logging
-    from tasks.predict import expand_inputs, load_pixels
-    from tasks.safety import load_model_safely
-
-    setup_logging()
-    info_path = args.info or args.model.with_suffix(".json")
-    try:
-        info = read_json(info_path)
-        model = load_model_safely(args.model, compile=False)
-    except (OSError, ValueError) as exc:
-        print(f"ERROR: cannot load the trained model: {exc}. Run the pipeline first.", file=sys.stderr)  # fmt: skip
-        return 1
-    files, failures = expand_inputs(args.inputs)
-    skipped = [(failure.path, failure.reason) for failure in failures]
-    written = 0
-    for file in files:
-        pixels, reason = load_pixels(file, tuple(info["image_size"]))
-        if pixels is None:
-            skipped.append((str(file), reason))
-            continue
-        try:
-            explained = gradcam(model, pixels[None], layer=args.layer)
-        except StageError as exc:
-            print(f"ERROR: {exc}", file=sys.stderr)
-            return 1
-        probabilities = explained.probabilities[0]
-        best = int(probabilities.argmax())
-        label, confidence = info["classes"][best], float(probabilities[best])
-        target = args.out / f"{file.stem}.explain.png"
-        args.out.mkdir(parents=True, exist_ok=True)
-        tile = Tile(pixels, explained.heatmaps[0], None, label, confidence)
-        _sheet([tile], f"{file.name}: Grad-CAM, layer {explained.layer}", target, "")
-        print(f"{file}: {label} ({confidence:.0%}) -> {target}")
-        written += 1
-    for path, reason in skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    return 0 if written else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
