@@ -23,6 +23,7 @@ from flows.locking import workspace_lock
 from flows.stages import StageFailedError, TransientStageError, describe_status
 from tasks.params import read_yaml
 from tests.conftest import run, set_params
+from tests.faults import pause_train_after_first_batch
 from tests.prefect_server import (
     STAGES,
     descendants,
@@ -497,9 +498,12 @@ def test_killed_flow_run_leaves_no_process_dvc_lock_untouched_and_the_next_run_c
     # Orphans of the killed flow become our children, so we can reap them: an unreaped
     # zombie keeps its PID, and DVC would take its stale rwlock entry for a live writer.
     ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
-    process = spawn(cmd, project, log, env=env)
+    # The train stage stops after its first batch and says so: the kill lands mid-train
+    # however fast or slow the machine is.
+    hook, paused = pause_train_after_first_batch(tmp_path / "hook", project)
+    process = spawn(cmd, project, log, env={**env, **hook})
     try:
-        wait_for(lambda: "Epoch 1/4" in log.read_text(), 600, "the train stage to start")
+        wait_for(paused.exists, 600, "the train stage to pause after its first batch")
         below = descendants(process.pid)  # the DVC worker, the shell, the stage command
     finally:
         process.kill()  # as when the machine's OOM killer picks it: no chance to clean up
