@@ -103,10 +103,12 @@ def test_json_top_k_labels_and_probabilities(tmp_path, model_file, capsys):
         ranked = prediction["top_k"]
         assert len(ranked) == 2
         assert ranked[0]["probability"] >= ranked[1]["probability"]
-        assert prediction["probability"] == pytest.approx(ranked[0]["probability"])
+        assert prediction["top_probability"] == pytest.approx(ranked[0]["probability"])
+        assert prediction["top_label"] == prediction["label"] == ranked[0]["label"]
+        assert prediction["below_min_confidence"] is False
     # logits 0.05 x (250, 10, 10): the softmax the model must produce
     expected = np.exp([12.5, 0.5, 0.5]) / np.exp([12.5, 0.5, 0.5]).sum()
-    assert by_path[str(red)]["probability"] == pytest.approx(expected[0], abs=1e-4)
+    assert by_path[str(red)]["top_probability"] == pytest.approx(expected[0], abs=1e-4)
 
 
 def test_top_k_is_capped_at_the_number_of_classes_and_text_output(tmp_path, model_file, capsys):
@@ -118,17 +120,30 @@ def test_top_k_is_capped_at_the_number_of_classes_and_text_output(tmp_path, mode
     assert all(color in line for color in COLORS)
 
 
-def test_min_confidence_answers_other(tmp_path, model_file, capsys):
+def test_min_confidence_answers_other_and_says_whose_probability_is_shown(
+    tmp_path, model_file, capsys
+):
     gray = solid(tmp_path / "gray.png", (128, 128, 128))  # every class at 1/3
     red = solid(tmp_path / "red.png", (255, 0, 0))
-    args = ["--model", model_file, "--json", "--min-confidence", "0.5", gray, red]
-    code, out, _ = run_predict(args, capsys)
+    args = ["--model", model_file, "--min-confidence", "0.5", gray, red]
+    code, out, _ = run_predict([*args, "--json"], capsys)
     assert code == 0
     labels = {p["path"]: p for p in json.loads(out)["predictions"]}
-    assert labels[str(gray)]["label"] == "other"
-    assert labels[str(gray)]["probability"] == pytest.approx(1 / 3, abs=1e-5)
-    assert labels[str(gray)]["top_k"][0]["label"] in COLORS  # the ranking is still reported
-    assert labels[str(red)]["label"] == "red"
+    other = labels[str(gray)]
+    assert other["label"] == "other" and other["below_min_confidence"] is True
+    # the probability shown is the best class's, and that class is named beside it
+    assert other["top_label"] == other["top_k"][0]["label"] in COLORS
+    assert other["top_probability"] == pytest.approx(1 / 3, abs=1e-5)
+    assert labels[str(red)]["label"] == labels[str(red)]["top_label"] == "red"
+    assert labels[str(red)]["below_min_confidence"] is False
+
+    code, out, _ = run_predict(args, capsys)
+    lines = dict(line.split(": ", 1) for line in out.splitlines())
+    top = other["top_label"]
+    assert lines[str(gray)].startswith(
+        f"other (best class {top} 0.333, under --min-confidence 0.5)  [{top} 0.333, "
+    )
+    assert lines[str(red)].startswith("red (")
 
 
 def test_bad_min_confidence_is_a_usage_error(tmp_path, model_file, capsys):
@@ -225,14 +240,14 @@ def test_unreadable_images_are_listed_and_the_rest_still_predicted(tmp_path, mod
     assert "not an image" in reasons["broken.jpg"]
     assert "empty" in reasons["empty.png"]
     assert "no such file" in reasons["missing.png"]
-    assert "1 classified, 4 could not be read" in err
+    assert "1 classified, 4 skipped" in err
 
     code, _, _ = run_predict([*args, "--strict"], capsys)
     assert code == 1
 
     code, out, err = run_predict(["--model", model_file, broken, empty], capsys)
     assert code == 1 and out == ""
-    assert f"error: {broken}: not an image" in err and "no image could be classified" in err
+    assert f"skipped: {broken}: not an image" in err and "no image could be classified" in err
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
