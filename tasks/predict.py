@@ -377,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     bar = _progress_bar(args)
 
     def say(line: str, file=sys.stdout) -> None:
-        if bar is None:
-            print(line, file=file, flush=args.jsonl)
-        else:
+        if bar is not None and file.isatty():  # a line on the bar's terminal: move the bar
             bar.write(line, file=file)
+        else:
+            print(line, file=file, flush=args.jsonl)
 
     predictions: list[Prediction] = []  # --json only: the others stream
     failures: list[Failure] = []
