@@ -133,9 +133,9 @@ class MemoryBudget:
                 self._changed.notify_all()
 
 
-# 512 MiB: two 10,000 x 10,000 16-bit greyscale PNGs at once, or one 8-bit RGB one; the
-# largest image that prepare.max_pixels' default admits (RGBA, 8 bytes a pixel while its
-# alpha is premultiplied) needs 800 MB and is decoded alone.
+# 512 MiB: two 10,000 x 10,000 16-bit greyscale PNGs at once, or one 8-bit RGB one. An image
+# needing more (at prepare.max_pixels' default, an RGBA one: 800 MB while its alpha is
+# premultiplied) is decoded alone.
 DECODE_BUDGET = MemoryBudget(512 * 2**20)
 
 
@@ -162,22 +162,19 @@ def _has_alpha(image: Image.Image) -> bool:
 def peak_bytes(image: Image.Image, size: tuple[int, int]) -> int:
     """Pixel memory that :func:`_shrink_to_rgb` needs for ``image`` (not loaded yet).
 
-    The decoded image, plus the full-size copy made before resizing when there is one
-    (1 -> L, P -> RGB(A), alpha premultiplied by ``Image.resize``), plus the resize's
+    The decoded image, the full-size copies made before resizing (1 -> L, P -> RGB(A), and
+    the premultiplied copy ``Image.resize`` makes of an image with alpha), and the resize's
     intermediate (target width x source height).
     """
     width, height = image.size
-    pixels = width * height
-    stored = _stored_bytes_per_pixel(image.mode)
+    per_pixel = _stored_bytes_per_pixel(image.mode)
+    if image.mode == "1":
+        per_pixel += 1
+    elif image.mode in ("P", "PA"):
+        per_pixel += 4
     if _has_alpha(image):
-        copies = max(stored, 4) + 4  # (P ->) RGBA and its premultiplied RGBa copy
-    elif image.mode == "P":
-        copies = stored + 4  # P -> RGB
-    elif image.mode == "1":
-        copies = stored + 1  # 1 -> L
-    else:
-        copies = stored
-    return pixels * copies + size[0] * height * 4
+        per_pixel += 4
+    return width * height * per_pixel + size[0] * height * 4
 
 
 # ---------------------------------------------------------------- pixels
