@@ -1,7 +1,7 @@
 """Benchmark: the prepare stage against the naive loop on large photos (2000x1500 JPEGs).
 
 Phone and camera photos are several megapixels; models take 224x224. The stage decodes such
-JPEGs at a reduced DCT scale (``Image.draft``, keeping at least twice the target size: see
+JPEGs at a reduced DCT scale (``Image.draft``, keeping at least 1.5x the target size: see
 :mod:`tasks.imaging`), area-averages, and decodes in a thread pool. The naive loop
 (:mod:`bench.naive_prepare`) decodes every pixel, converts, resizes (bicubic) and stores
 float64, in one thread.
@@ -12,9 +12,9 @@ float64, in one thread.
   details.
 
 The photos are synthetic but built like photos: a smooth colour field, hard-edged shapes,
-a finely striped patch and sensor-like grain (sigma 5), saved at quality 90: about 1.7 bits
+a finely striped patch and sensor-like grain (sigma 5), saved at quality 90: about 1.9 bits
 a pixel, the density of a phone photo. The details add the same comparison on 200
-noise-heavy images (``synthetic_images``: stripes under sigma-25 noise, about 4.5 bits a
+noise-heavy images (``synthetic_images``: stripes under sigma-25 noise, about 4.6 bits a
 pixel), where entropy decoding, which no DCT scaling avoids, takes most of the time.
 """
 

@@ -102,13 +102,14 @@ def budget(monkeypatch) -> RecordingBudget:
 
 # (source width, height), EXIF orientation, target (height, width), DCT scale expected
 PHOTOS = [
-    ((4000, 3000), 1, (224, 224), 4),
-    ((2000, 1500), 1, (224, 224), 2),
+    ((4000, 3000), 1, (224, 224), 8),
+    ((2000, 1500), 1, (224, 224), 4),
     ((2000, 1500), 1, (32, 32), 8),
     ((3000, 2000), 6, (100, 200), 4),  # portrait photo stored landscape, non-square target
     ((1600, 1200), 3, (299, 299), 2),
     ((1200, 900), 8, (224, 224), 2),
-    ((900, 700), 1, (224, 224), 1),  # under 4x: decoded in full
+    ((900, 700), 1, (224, 224), 2),
+    ((600, 450), 1, (224, 224), 1),  # under 3x: decoded in full
 ]
 
 
@@ -117,10 +118,10 @@ def test_large_jpegs_decode_at_reduced_scale_within_the_stated_tolerance(
     tmp_path, budget, source, orientation, target, scale
 ):
     """The stated tolerance (README, prepare row): against the full decode and the same
-    resize, the mean absolute difference is under 2 grey levels (of 255), the 99th
-    percentile at most 16 and the largest difference at most 80 (at hard edges and fine
-    stripes, where the scaled IDCT rings). Measured over 30 such photos: at most 1.72, 12
-    and 64; the worst cases keep 2-2.7x the target after the reduced decode."""
+    resize, the mean absolute difference is under 3 grey levels (of 255), the 99th
+    percentile at most 20 and the largest difference at most 96 (at hard edges and fine
+    stripes, where the scaled IDCT rings). Measured over 26 such photos: at most 2.51, 18
+    and 81; the worst cases keep 1.5-2x the target after the reduced decode."""
     path = jpeg(synthetic_photo(*source, seed=sum(source)), tmp_path / "photo.jpg", orientation)
     result = decode(Item("photo.jpg", "", path), with_changes(PARAMS.prepare, image_size=target))
     assert result.reason == "" and result.pixels.shape == (*target, 3)
@@ -133,9 +134,9 @@ def test_large_jpegs_decode_at_reduced_scale_within_the_stated_tolerance(
     difference = np.abs(result.pixels.astype(int) - full_decode(path, target))
     if scale == 1:
         assert difference.max() == 0
-    assert difference.mean() < 2.0, difference.mean()
-    assert np.percentile(difference, 99) <= 16, np.percentile(difference, 99)
-    assert difference.max() <= 80, difference.max()
+    assert difference.mean() < 3.0, difference.mean()
+    assert np.percentile(difference, 99) <= 20, np.percentile(difference, 99)
+    assert difference.max() <= 96, difference.max()
 
 
 def test_exif_orientation_is_applied_after_the_reduced_decode(tmp_path):
