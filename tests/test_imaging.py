@@ -259,7 +259,6 @@ def huge_16bit_pngs(tmp_path_factory) -> Path:
     return raw
 
 
-@pytest.mark.slow
 def test_prepare_decodes_16bit_10000x10000_pngs_in_under_1_gib(tmp_path, huge_16bit_pngs):
     out = tmp_path / "prepared"
     run = run_measured(
@@ -278,7 +277,6 @@ def test_prepare_decodes_16bit_10000x10000_pngs_in_under_1_gib(tmp_path, huge_16
     assert (np.diff(shard[0, :, 0].astype(int)) >= 0).all()
 
 
-@pytest.mark.slow
 def test_predict_decodes_16bit_10000x10000_pngs_in_under_1_gib(tmp_path, huge_16bit_pngs):
     model = save(color_model(), tmp_path / "model.onnx")
     command = [sys.executable, "-m", "flows.cli", "predict", "--model", model, "--jsonl"]
