@@ -7,11 +7,15 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import stat
 import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -458,7 +462,9 @@ def test_local_folder(tmp_path: Path, images: dict[str, bytes]) -> None:
     (folder / "cat" / "escape.png").symlink_to(secret)
     (folder / "dog" / "alias.png").symlink_to(folder / "cat" / "0.png")
     (folder / "outside_dir").symlink_to(tmp_path, target_is_directory=True)
-    os.mkfifo(folder / "dog" / "pipe")
+    (folder / "...").mkdir()  # hidden, as prepare sees it: not a class
+    (folder / "..." / "1.png").write_bytes(images["cat/0.png"])
+    (folder / "cat" / ".DS_Store").write_bytes(b"Bud1")
 
     result = fetch(fetch_params(source=str(folder)), tmp_path / "raw", tmp_path / "cache")
     copied = tree(tmp_path / "raw" / "images")
@@ -466,10 +472,106 @@ def test_local_folder(tmp_path: Path, images: dict[str, bytes]) -> None:
     assert not (tmp_path / "raw" / "images" / "dog" / "alias.png").is_symlink()
     assert result.kind == "folder" and result.files == len(images) + 1
     assert sorted(result.details["skipped"]) == [
+        "... (hidden)",
+        "cat/.DS_Store (hidden)",
         "cat/escape.png (symlink to outside the folder)",
-        "dog/pipe (not a regular file)",
         "outside_dir (symlinked folder)",
     ]
+
+
+def test_a_folder_dvc_cannot_hash_is_refused_naming_every_entry(
+    tmp_path: Path, images: dict[str, bytes]
+) -> None:
+    folder = tmp_path / "dataset"
+    for name, data in images.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    (folder / "cat" / "loop.png").symlink_to("loop.png")
+    (folder / "dog" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    os.mkfifo(folder / "dog" / "pipe.png")  # DVC would wait on it forever
+
+    with pytest.raises(StageError) as error:
+        fetch(fetch_params(source=str(folder)), tmp_path / "raw", tmp_path / "cache")
+    assert "3 entries that DVC, which hashes the source, cannot read" in str(error.value)
+    for entry in ("cat/loop.png (symlink loop)", "dog/gone.png (link to nothing)",
+                  "dog/pipe.png (FIFO)"):  # fmt: skip
+        assert entry in str(error.value)
+    assert not (tmp_path / "raw").exists()
+
+    (folder / "loop").symlink_to("loop")
+    done = run_cli(tmp_path, str(folder / "loop"))  # the source itself: one clear line
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR: fetch:")]
+    assert done.returncode == 1 and len(errors) == 1 and "symlink loop" in errors[0]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder other users can read (pytest's own temporary folders are 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="tlp-open-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def modes(root: Path) -> dict[str, int]:
+    """The permission bits of everything under ``root``, itself included (as ".")."""
+    return {
+        str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]
+    }
+
+
+def write_folder(folder: Path, images: dict[str, bytes]) -> None:
+    """``images`` as a class-folder tree: folders 0755, files 0644 (what a umask of 022 gives)."""
+    for name, data in images.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        (folder / name).write_bytes(data)
+        (folder / name).chmod(0o644)
+
+
+def test_nothing_fetched_from_a_private_folder_is_readable_by_others(
+    open_folder: Path, www: Path, images: dict[str, bytes]
+) -> None:
+    private = open_folder / "mine"
+    write_folder(private, images)
+    private.chmod(0o700)  # the one thing that keeps the files inside from other users
+    archive = open_folder / "mine.tar.gz"
+    shutil.copy(www / "data.tar.gz", archive)  # its members are 0644
+    archive.chmod(0o600)
+    umask = os.umask(0o022)
+    try:
+        for source in (private, archive):
+            out = open_folder / f"raw-{source.name}"
+            fetch(fetch_params(source=str(source)), out, open_folder / "cache")
+            assert tree(out / "images") == images  # nothing lost
+            readable = {path: mode for path, mode in modes(out).items() if mode & 0o077}
+            assert readable == {}, f"{source.name}: readable by others: {readable}"
+            assert modes(out)["images"] == 0o700 and modes(out)["source.json"] == 0o600
+
+        public = open_folder / "shared"  # readable by all: copies keep that (umask 022)
+        write_folder(public, images)
+        fetch(fetch_params(source=str(public)), open_folder / "raw", open_folder / "cache")
+        assert set(modes(open_folder / "raw").values()) == {0o755, 0o644}
+        os.umask(0o077)  # a stricter umask wins over the source's permissions
+        fetch(fetch_params(source=str(public)), open_folder / "raw", open_folder / "cache")
+        assert set(modes(open_folder / "raw").values()) == {0o700, 0o600}
+    finally:
+        os.umask(umask)
+
+
+def test_a_private_source_fetched_into_an_open_project_is_a_warning(
+    open_folder: Path, images: dict[str, bytes]
+) -> None:
+    private = open_folder / "mine"
+    write_folder(private, images)
+    private.chmod(0o700)
+    done = run_cli(open_folder, str(private))  # the output goes to open_folder/raw
+    assert done.returncode == 0, done.stderr
+    assert "fetch.source is not readable by other users" in done.stderr
+    assert f"chmod 700 {open_folder}" in done.stderr
+    assert all(mode & 0o077 == 0 for mode in modes(open_folder / "raw").values())
 
 
 def test_failed_fetch_leaves_the_previous_output_intact(
