@@ -45,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     from flows.locking import WorkspaceBusyError
     from flows.stages import DvcBusyError
     from flows.workspace import NotAProjectError
+    from tasks.common import StageError
     from tasks.params import ParamsError
 
+    errors = (NotAProjectError, ParamsError, WorkspaceBusyError, DvcBusyError, AuthFileError)
     try:
         return args.handler(args)
-    except (NotAProjectError, ParamsError, WorkspaceBusyError, DvcBusyError, AuthFileError) as exc:
+    except (*errors, StageError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
 

@@ -111,11 +111,13 @@ def read_pipeline(repo: Repo) -> Pipeline:
 
     Raises:
         dvc.lock.LockError: another DVC process holds the repo lock.
+        tasks.common.StageError: a source folder holds what DVC cannot hash.
     """
     import networkx as nx
     from dvc.stage import PipelineStage
 
     root = Path(repo.root_dir)
+    _check_sources(repo)
     status = repo.status()
     stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
     position = {stage: index for index, stage in enumerate(stages)}
@@ -139,6 +141,23 @@ def read_pipeline(repo: Repo) -> Pipeline:
             )
         )
     return Pipeline(root, result, metrics, plots)
+
+
+def _check_sources(repo: Repo) -> None:
+    """Refuse the folders that stages read and no stage writes (``fetch.source``) when they
+    hold entries DVC cannot hash: ``Repo.status`` fails on a symlink loop, with a traceback,
+    and waits forever on a FIFO. The error names every such entry."""
+    from tasks.fetch import check_source_folder
+
+    outputs = {out.fs_path for stage in repo.index.stages for out in stage.outs}
+    for stage in repo.index.stages:
+        for dep in stage.deps:
+            if (
+                dep.fs.protocol == "local"
+                and dep.fs_path not in outputs
+                and dep.fs.isdir(dep.fs_path)
+            ):
+                check_source_folder(Path(dep.fs_path))
 
 
 def describe_status(name: str, entries: list[Any], locked: Mapping[str, Any], root: Path) -> str:

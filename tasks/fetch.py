@@ -287,6 +287,12 @@ def _copy_folder(source: str, folder: Path, tmp: Path, keep: int) -> FetchResult
     )
 
 
+def check_source_folder(folder: Path) -> None:
+    """Raise :class:`StageError`, naming them, if ``folder`` holds entries DVC cannot hash
+    (``tlp status`` and ``tlp run`` check this before DVC reads the source)."""
+    _list_folder(folder.resolve())
+
+
 def _list_folder(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     """The files to copy (relative POSIX path, file to read), sorted, and what is skipped.
 

@@ -28,7 +28,7 @@ from tasks.common import EXIT_TRANSIENT, StageError, TransientError
 from tasks.download import cache_name
 from tasks.fetch import FetchResult, fetch
 from tasks.params import FetchParams, ParamsError, load_params, read_yaml, with_changes
-from tests.conftest import PARAMS, requires, write_params
+from tests.conftest import PARAMS, make_project, requires, run, write_params
 from tests.httpserver import FileServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -497,6 +497,14 @@ def test_a_folder_dvc_cannot_hash_is_refused_naming_every_entry(
                   "dog/pipe.png (FIFO)"):  # fmt: skip
         assert entry in str(error.value)
     assert not (tmp_path / "raw").exists()
+
+    # DVC hashes the source before any stage runs (it would fail on the loop with a
+    # traceback and wait forever on the FIFO): `tlp status` names the entries instead.
+    project = make_project(tmp_path / "project", {"fetch": {"source": str(folder)}})
+    cli = [sys.executable, "-m", "flows.cli", "status"]
+    status = run(cli, project, check=False, timeout=120)
+    assert status.returncode == 1 and "Traceback" not in status.stderr
+    assert status.stderr.count("ERROR:") == 1 and "dog/pipe.png (FIFO)" in status.stderr
 
     (folder / "loop").symlink_to("loop")
     done = run_cli(tmp_path, str(folder / "loop"))  # the source itself: one clear line
