@@ -25,7 +25,7 @@ from PIL import Image
 
 from tasks.builtin import IDX_FILES
 from tasks.common import EXIT_TRANSIENT, StageError, TransientError
-from tasks.download import cache_name
+from tasks.download import cache_name, download
 from tasks.fetch import FetchResult, fetch
 from tasks.params import FetchParams, ParamsError, load_params, read_yaml, with_changes
 from tests.conftest import PARAMS, make_project, requires, run, write_params
@@ -645,6 +645,7 @@ def run_cli(tmp_path: Path, source: str, **fetch: object) -> subprocess.Complete
     [
         ("ftp://x", "unsupported URL scheme 'ftp'"),
         ("no/such/folder", "does not exist"),
+        ("http://[::1", "fetch.source: Value error, is not a valid URL (Invalid IPv6 URL)"),
     ],
 )
 def test_cli_bad_source(tmp_path: Path, source: str, message: str) -> None:
@@ -670,3 +671,57 @@ def test_cli_download_that_keeps_failing_exits_75(tmp_path: Path, www: Path) -> 
     errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR: fetch:")]
     assert len(errors) == 1 and "could not download" in errors[0] and "HTTP 503" in errors[0]
     assert not (tmp_path / "raw").exists()
+
+
+# -- credentials ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://me:s3cret@example.org/data.tar.gz",
+        "https://example.org/data.tar.gz?token=s3cret",
+        "https://example.org/data.tar.gz?X-Amz-Signature=s3cret&X-Amz-Date=20260101",
+        "https://example.org/data.tar.gz?v=2&api_key=s3cret",
+    ],
+)
+def test_credentials_in_a_url_are_refused_and_never_repeated(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ParamsError) as error:
+        fetch_params(source=url)
+    assert "source: Value error, must not hold credentials" in str(error.value)
+    assert "~/.netrc" in str(error.value) and "s3cret" not in str(error.value)
+
+    done = run_cli(tmp_path, url)  # the stage itself, as `dvc repro` runs it
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR: fetch:")]
+    assert done.returncode == 1 and len(errors) == 1 and "must not hold credentials" in errors[0]
+    assert "s3cret" not in done.stdout + done.stderr
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "cache").exists()
+
+    with pytest.raises(StageError) as error:  # any other download (a descriptor's base URL)
+        download(url, tmp_path / "cache", what="a .gz file")
+    assert "must not hold credentials" in str(error.value) and "s3cret" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_url_behind_a_login_is_fetched_with_netrc_and_the_secret_recorded_nowhere(
+    tmp_path: Path, www: Path, images: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    netrc = tmp_path / "netrc"
+    with FileServer(www, basic_auth="me:s3cret") as server:
+        url = server.url("data.tar.gz")
+        with pytest.raises(StageError, match="HTTP 401"):  # no login: fails at once
+            fetch(fetch_params(source=url), tmp_path / "raw", tmp_path / "cache")
+
+        netrc.write_text("machine 127.0.0.1\nlogin me\npassword s3cret\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))  # read by requests and by DVC
+        project = make_project(tmp_path / "project", {"fetch": {"source": url}})
+        status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+        assert status["fetch"][0]["changed deps"][url] == "modified"  # DVC got in: not "deleted"
+        repro = run(["dvc", "repro", "fetch"], project)
+    assert tree(project / "data" / "raw" / "images") == images
+    lock = (project / "dvc.lock").read_text()
+    assert f"path: {url}" in lock  # DVC tracks the URL as it is: without the secret
+    assert json.loads((project / "data" / "raw" / "source.json").read_text())["source"] == url
+    recorded = [repro.stdout, repro.stderr, lock, *map(Path.read_text, project.rglob("*.json"))]
+    assert not [text for text in recorded if "s3cret" in text]
