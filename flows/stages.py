@@ -111,13 +111,14 @@ def read_pipeline(repo: Repo) -> Pipeline:
 
     Raises:
         dvc.lock.LockError: another DVC process holds the repo lock.
+        tasks.params.ParamsError: ``params.yaml`` is not valid.
         tasks.common.StageError: a source folder holds what DVC cannot hash.
     """
     import networkx as nx
     from dvc.stage import PipelineStage
 
     root = Path(repo.root_dir)
-    _check_sources(repo)
+    _check_inputs(repo)
     status = repo.status()
     stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
     position = {stage: index for index, stage in enumerate(stages)}
@@ -143,12 +144,15 @@ def read_pipeline(repo: Repo) -> Pipeline:
     return Pipeline(root, result, metrics, plots)
 
 
-def _check_sources(repo: Repo) -> None:
-    """Refuse the folders that stages read and no stage writes (``fetch.source``) when they
-    hold entries DVC cannot hash: ``Repo.status`` fails on a symlink loop, with a traceback,
-    and waits forever on a FIFO. The error names every such entry."""
+def _check_inputs(repo: Repo) -> None:
+    """Refuse what DVC would trip on, with the stages' own errors: invalid params (DVC's
+    ``Invalid IPv6 URL`` names no key), and folders that stages read and no stage writes
+    (``fetch.source``) holding entries DVC cannot hash (``Repo.status`` fails on a symlink
+    loop with a traceback, and waits forever on a FIFO)."""
     from tasks.fetch import check_source_folder
+    from tasks.params import load_params
 
+    load_params(Path(repo.root_dir) / "params.yaml")
     outputs = {out.fs_path for stage in repo.index.stages for out in stage.outs}
     for stage in repo.index.stages:
         for dep in stage.deps:

@@ -28,7 +28,7 @@ from tasks.common import EXIT_TRANSIENT, StageError, TransientError
 from tasks.download import cache_name, download
 from tasks.fetch import FetchResult, fetch
 from tasks.params import FetchParams, ParamsError, load_params, read_yaml, with_changes
-from tests.conftest import PARAMS, make_project, requires, run, write_params
+from tests.conftest import PARAMS, make_project, requires, run, set_params, write_params
 from tests.httpserver import FileServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -505,6 +505,10 @@ def test_a_folder_dvc_cannot_hash_is_refused_naming_every_entry(
     status = run(cli, project, check=False, timeout=120)
     assert status.returncode == 1 and "Traceback" not in status.stderr
     assert status.stderr.count("ERROR:") == 1 and "dog/pipe.png (FIFO)" in status.stderr
+    set_params(project, {"fetch": {"source": "http://[::1"}})  # DVC: "Invalid IPv6 URL" alone
+    status = run(cli, project, check=False, timeout=120)
+    assert status.returncode == 1 and "Traceback" not in status.stderr
+    assert "ERROR: invalid params: fetch.source: Value error, is not a valid URL" in status.stderr
 
     (folder / "loop").symlink_to("loop")
     done = run_cli(tmp_path, str(folder / "loop"))  # the source itself: one clear line
