@@ -111,7 +111,7 @@ def read_pipeline(repo: Repo) -> Pipeline:
 
     Raises:
         dvc.lock.LockError: another DVC process holds the repo lock.
-        tasks.params.ParamsError: ``params.yaml`` is not valid.
+        tasks.params.ParamsError: DVC cannot parse a dependency, because of a param.
         tasks.common.StageError: a source folder holds what DVC cannot hash.
     """
     import networkx as nx
@@ -145,16 +145,20 @@ def read_pipeline(repo: Repo) -> Pipeline:
 
 
 def _check_inputs(repo: Repo) -> None:
-    """Refuse what DVC would trip on, with the stages' own errors: invalid params (DVC's
-    ``Invalid IPv6 URL`` names no key), and folders that stages read and no stage writes
-    (``fetch.source``) holding entries DVC cannot hash (``Repo.status`` fails on a symlink
-    loop with a traceback, and waits forever on a FIFO)."""
+    """Refuse, with the stages' own errors, what DVC would trip on: a dependency it cannot
+    parse (DVC's ``Invalid IPv6 URL`` names no key: the params check names it), and folders
+    that stages read and no stage writes (``fetch.source``) holding entries DVC cannot hash
+    (``Repo.status`` fails on a symlink loop with a traceback, and waits forever on a FIFO)."""
     from tasks.fetch import check_source_folder
     from tasks.params import load_params
 
-    load_params(Path(repo.root_dir) / "params.yaml")
-    outputs = {out.fs_path for stage in repo.index.stages for out in stage.outs}
-    for stage in repo.index.stages:
+    try:
+        stages = repo.index.stages
+    except ValueError:
+        load_params(Path(repo.root_dir) / "params.yaml")  # ParamsError, naming the key
+        raise
+    outputs = {out.fs_path for stage in stages for out in stage.outs}
+    for stage in stages:
         for dep in stage.deps:
             if (
                 dep.fs.protocol == "local"
