@@ -11,7 +11,8 @@
 
 Prefect, DVC and TensorFlow are imported inside the subcommands, never here, so that
 ``tlp predict`` and ``tlp --help`` start fast. Prefect's state lives in ``.tlp/prefect``
-(``PREFECT_HOME``) unless you set ``PREFECT_HOME`` or ``PREFECT_API_URL`` yourself.
+(``PREFECT_HOME``) unless you set ``PREFECT_HOME`` or ``PREFECT_API_URL`` yourself. The
+Prefect servers the project starts answer only to its secret (:mod:`flows.auth`).
 """
 
 from __future__ import annotations
