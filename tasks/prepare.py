@@ -126,7 +126,10 @@ def iter_folder(root: Path) -> tuple[list[str], list[Item]]:
     for name in names:
         spelt = sorted({folder.name for label, folder in pairs if label == name})
         if len(spelt) > 1:
-            log.warning("prepare: class folders %s are one name in different Unicode forms; merged into class %r", spelt, name)  # fmt: skip
+            log.warning(
+                "prepare: class folders %s are one name in different Unicode forms; "
+                "merged into class %r", spelt, name,
+            )  # fmt: skip
     for name, folder in pairs:
         for dirpath, dirnames, filenames in os.walk(folder):
             here = Path(dirpath)
@@ -137,7 +140,10 @@ def iter_folder(root: Path) -> tuple[list[str], list[Item]]:
                 items.append(Item(str(file.relative_to(root.parent)), name, file))
     if hidden:
         shown = ", ".join(str(p.relative_to(root.parent)) for p in hidden[:5])
-        log.warning("prepare: ignored %d hidden entries (names starting with '.', or __MACOSX): %s%s", len(hidden), shown, " ..." if len(hidden) > 5 else "")  # fmt: skip
+        log.warning(
+            "prepare: ignored %d hidden entries (names starting with '.', or __MACOSX): %s%s",
+            len(hidden), shown, " ..." if len(hidden) > 5 else "",
+        )  # fmt: skip
     return names, items
 
 
