@@ -11,7 +11,8 @@
 
 Prefect, DVC and TensorFlow are imported inside the subcommands, never here, so that
 ``tlp predict`` and ``tlp --help`` start fast. Prefect's state lives in ``.tlp/prefect``
-(``PREFECT_HOME``) unless you set ``PREFECT_HOME`` or ``PREFECT_API_URL`` yourself.
+(``PREFECT_HOME``) unless you set ``PREFECT_HOME`` or ``PREFECT_API_URL`` yourself. The
+Prefect servers the project starts answer only to its secret (:mod:`flows.auth`).
 """
 
 from __future__ import annotations
@@ -41,14 +42,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return explain(argv[1:])
     args = build_parser().parse_args(argv)
+    from flows.auth import AuthFileError
     from flows.locking import WorkspaceBusyError
     from flows.stages import DvcBusyError
     from flows.workspace import NotAProjectError
+    from tasks.common import StageError
     from tasks.params import ParamsError
 
+    errors = (NotAProjectError, ParamsError, WorkspaceBusyError, DvcBusyError, AuthFileError)
     try:
         return args.handler(args)
-    except (NotAProjectError, ParamsError, WorkspaceBusyError, DvcBusyError) as exc:
+    except (*errors, StageError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
 
@@ -153,21 +157,28 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
+    from flows.auth import auth_file, use_project_auth
     from flows.locking import tlp_dir
     from flows.workspace import project_root
 
     root = project_root()
     url = f"http://{args.host}:{args.port}"
-    if _healthy(f"{url}/api"):
-        print(f"tlp: a Prefect server already answers at {url}; open it in your browser")
+    if running_server(root) == f"{url}/api":
+        print(f"tlp: this project's server already answers at {url}; open it in your browser")
         return 0
+    if _healthy(f"{url}/api"):
+        print(f"ERROR: another Prefect server (not this project's) answers at {url}; "
+              "pick a free port with --port", file=sys.stderr)  # fmt: skip
+        return 1
     prefect_environment(root, detect_server=False)
+    use_project_auth(root)  # whatever PREFECT_API_URL says, the server we start is protected
     server = {"HOST": args.host, "PORT": str(args.port)}
     env = {**os.environ, **{f"PREFECT_SERVER_API_{k}": v for k, v in server.items()}}
     env["PREFECT_UI_API_URL"] = f"{url}/api"  # the dashboard's own calls; --port alone misses it
     record = tlp_dir(root) / SERVER_FILE
     record.write_text(json.dumps({"url": url, "api": f"{url}/api", "pid": os.getpid()}))
     print(f"tlp: dashboard at {url} (Prefect home {os.environ['PREFECT_HOME']}); Ctrl-C stops it")
+    print(f"tlp: log in with the secret in {auth_file(root)} (cat it; only you can read it)")
     command = [sys.executable, "-m", "prefect", "server", "start"]
     process = subprocess.Popen([*command, "--host", args.host, "--port", str(args.port)], env=env)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as Ctrl-C does
@@ -232,34 +243,50 @@ def prefect_environment(root: Path, detect_server: bool = True) -> str | None:
     """Set Prefect's defaults for this project in ``os.environ``; return the API URL in use.
 
     Must run before Prefect is imported. Settings the user made win: ``PREFECT_HOME``
-    defaults to ``.tlp/prefect`` in the project, and without ``PREFECT_API_URL`` runs go
-    to the project's running ``tlp server`` if there is one, else to Prefect's temporary
-    embedded server (``None`` is returned then).
+    defaults to ``.tlp/prefect`` in the project (made private to you: its database holds
+    every run's params and logs), and without ``PREFECT_API_URL`` runs go to the project's
+    running ``tlp server`` if there is one, else to Prefect's temporary embedded server
+    (``None`` is returned then). The project's API secret (:mod:`flows.auth`) protects the
+    servers the project starts and goes only to them, never to a server the user chose.
     """
+    from flows.auth import use_project_auth
     from flows.locking import tlp_dir
 
-    os.environ.setdefault("PREFECT_HOME", str(tlp_dir(root) / "prefect"))
+    home = tlp_dir(root) / "prefect"
+    if Path(os.environ.setdefault("PREFECT_HOME", str(home))) == home:
+        home.mkdir(mode=0o700, exist_ok=True)
+        home.chmod(0o700)
     # Telemetry can log "database is locked" on SQLite and needs the network anyway.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The embedded server's first start creates its database: 20 s (the default) is too
     # little on a small, busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
-    os.environ.pop("PREFECT_API_URL", None)  # an empty value means "not set"
-    api = running_server(root) if detect_server else None
+    api = os.environ.get("PREFECT_API_URL") or None
+    own = running_server(root) if detect_server or api else None
+    if api is None or api.rstrip("/") == own:
+        use_project_auth(root)  # the temporary server, or the project's own `tlp server`
     if api:
-        os.environ["PREFECT_API_URL"] = api
-    return api
+        return api
+    os.environ.pop("PREFECT_API_URL", None)  # an empty value means "not set"
+    if own:
+        os.environ["PREFECT_API_URL"] = own
+    return own
 
 
 def running_server(root: Path) -> str | None:
-    """The API URL of the project's running ``tlp server``, if one answers."""
+    """The API URL of the project's running ``tlp server``, if one answers.
+
+    Only a server that ``.tlp/server.json`` names and whose ``tlp server`` process is alive
+    and yours counts: a server another user starts later on the same port never gets the
+    project's secret.
+    """
     try:
-        api = json.loads((root / ".tlp" / SERVER_FILE).read_text()).get("api")
-    except (OSError, ValueError, AttributeError):
+        record = json.loads((root / ".tlp" / SERVER_FILE).read_text())
+        api, pid = str(record["api"]).rstrip("/"), int(record["pid"])
+        os.kill(pid, 0)  # PermissionError: another user's process under a reused PID
+    except (OSError, ValueError, TypeError, KeyError):
         return None
-    return api if api and _healthy(api) else None
+    return api if _healthy(api) else None
 
 
 def _healthy(api: str) -> bool:

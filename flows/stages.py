@@ -111,11 +111,14 @@ def read_pipeline(repo: Repo) -> Pipeline:
 
     Raises:
         dvc.lock.LockError: another DVC process holds the repo lock.
+        tasks.params.ParamsError: DVC cannot parse a dependency, because of a param.
+        tasks.common.StageError: a source folder holds what DVC cannot hash.
     """
     import networkx as nx
     from dvc.stage import PipelineStage
 
     root = Path(repo.root_dir)
+    _check_inputs(repo)
     status = repo.status()
     stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
     position = {stage: index for index, stage in enumerate(stages)}
@@ -139,6 +142,30 @@ def read_pipeline(repo: Repo) -> Pipeline:
             )
         )
     return Pipeline(root, result, metrics, plots)
+
+
+def _check_inputs(repo: Repo) -> None:
+    """Refuse, with the stages' own errors, what DVC would trip on: a dependency it cannot
+    parse (DVC's ``Invalid IPv6 URL`` names no key: the params check names it), and folders
+    that stages read and no stage writes (``fetch.source``) holding entries DVC cannot hash
+    (``Repo.status`` fails on a symlink loop with a traceback, and waits forever on a FIFO)."""
+    from tasks.fetch import check_source_folder
+    from tasks.params import load_params
+
+    try:
+        stages = repo.index.stages
+    except ValueError:
+        load_params(Path(repo.root_dir) / "params.yaml")  # ParamsError, naming the key
+        raise
+    outputs = {out.fs_path for stage in stages for out in stage.outs}
+    for stage in stages:
+        for dep in stage.deps:
+            if (
+                dep.fs.protocol == "local"
+                and dep.fs_path not in outputs
+                and dep.fs.isdir(dep.fs_path)
+            ):
+                check_source_folder(Path(dep.fs_path))
 
 
 def describe_status(name: str, entries: list[Any], locked: Mapping[str, Any], root: Path) -> str:

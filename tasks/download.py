@@ -16,6 +16,10 @@ Failing fast. What no retry can fix fails at once, naming the host and the cause
 name that does not resolve, a connection refused by a literal IP address (nothing listens
 there), a TLS error, and any other HTTP 4xx.
 
+Credentials. A URL holding a user name, a password or a secret query parameter is refused
+(:mod:`tasks.urls`): it would be logged and recorded. ``requests`` reads ``~/.netrc`` (or
+``$NETRC``) for the host's login instead, and so does DVC when it checks the URL.
+
 The cache. A cached file whose sha256 is pinned is reused as it is. An unpinned one is
 revalidated with a conditional request (``If-None-Match`` / ``If-Modified-Since``, from the
 ``<name>.json`` kept beside it): 304 reuses it, 200 replaces it.
@@ -53,6 +57,7 @@ from tasks.common import (
     sha256_file,
     write_json,
 )
+from tasks.urls import SecretInURLError, check_url
 
 CHUNK_BYTES = 64 * 1024
 BACKOFF_MAX_S = 8.0
@@ -148,9 +153,16 @@ def download(
 
     Raises:
         StageError: a failure no retry can fix (unknown host, refused connection, TLS,
-            HTTP 4xx), an HTML page, or a wrong sha256 (nothing is kept).
+            HTTP 4xx), an HTML page, or a wrong sha256 (nothing is kept); a URL that does
+            not parse or holds credentials (take them from ~/.netrc, which requests reads).
         TransientError: the download kept failing after ``retries`` retries.
     """
+    try:
+        check_url(url)
+    except SecretInURLError as exc:  # the message must not repeat the URL, nor the hint
+        raise StageError(f"the URL of {what} {exc}") from None
+    except ValueError as exc:
+        raise StageError(f"{hint} {exc}") from None
     cache_dir.mkdir(parents=True, exist_ok=True)
     expected = sha256.lower() if sha256 else None
     final = cache_dir / cache_name(url, expected)

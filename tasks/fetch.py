@@ -9,7 +9,10 @@
   extracted into ``images/`` by :func:`tasks.archive.safe_extract`;
 - a local archive (same rules), absolute or relative to the project root;
 - a local folder of class sub-folders, copied into ``images/`` (symlinks that point outside
-  the folder, and special files, are skipped and reported).
+  the folder, symlinked folders and hidden entries, whose names start with a dot and which
+  prepare ignores, are skipped and reported). A folder holding what DVC, which hashes the
+  source, cannot read (a symlink loop, a dangling link, a FIFO, socket or device) is refused,
+  naming the entries: ``dvc status`` would fail on them, or hang reading a FIFO.
 
 ``dvc.yaml`` lists ``${fetch.source}`` among the stage's dependencies, so DVC itself sees new
 bytes behind an unchanged name: it hashes a local folder or file (keeping the hashes in its
@@ -26,11 +29,17 @@ Output layout::
 so a failed run leaves the previous ``<out>`` untouched. The same source bytes always give
 the same output bytes (no timestamps), so re-fetching unchanged data re-runs nothing
 downstream.
+
+Permissions: nobody else can read what fetch writes unless they can read the source now.
+A copy keeps, for the group and for other users, only the access the source grants them
+(every folder above it searchable, the file or folder itself readable), and never more
+than the umask allows; the temporary folder is private while it fills.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
 import re
@@ -114,6 +123,8 @@ def fetch(params: FetchParams, out: Path, cache_dir: Path) -> FetchResult:
         )
 
     with atomic_path(out, directory=True) as tmp:
+        tmp.chmod(0o700)  # private while it fills; opened up to what the source allows below
+        keep = 0o777 if local is None else _access_mask(local, tmp.stat().st_gid)
         if local is None:
             fetched = download(
                 source,
@@ -127,7 +138,7 @@ def fetch(params: FetchParams, out: Path, cache_dir: Path) -> FetchResult:
         elif is_descriptor(source):
             result = _builtin(source, local, params, tmp, cache_dir)
         elif local.is_dir():
-            result = _copy_folder(source, local, tmp)
+            result = _copy_folder(source, local, tmp, keep)
         else:
             digest = sha256_file(local)
             if expected and digest != expected:
@@ -137,6 +148,8 @@ def fetch(params: FetchParams, out: Path, cache_dir: Path) -> FetchResult:
                 )
             result = _extract(source, str(local), local, digest, params, tmp)
         write_json(tmp / "source.json", result.to_json())
+        _restrict(tmp, keep)
+    _warn_if_the_project_is_open(out, keep)
     log.info(
         "fetch: %d files (%s bytes, kind %s) from %s into %s",
         result.files, f"{result.bytes:,}", result.kind, result.origin, out,
@@ -146,6 +159,11 @@ def fetch(params: FetchParams, out: Path, cache_dir: Path) -> FetchResult:
 
 def _local_source(value: str, out: Path) -> Path:
     path = Path(value)
+    if path.is_symlink() and not path.exists():
+        raise StageError(
+            f"fetch.source {value!r} is a symlink loop or a link to nothing; point "
+            "fetch.source at the folder or archive itself"
+        )
     if not path.exists():
         raise StageError(
             f"fetch.source {value!r} does not exist ({path.absolute()}); give an existing "
@@ -218,8 +236,12 @@ def _extract(
     )
 
 
-def _copy_folder(source: str, folder: Path, tmp: Path) -> FetchResult:
-    """Copy the files of ``folder`` into ``tmp/images``; refuse a file that changes meanwhile."""
+def _copy_folder(source: str, folder: Path, tmp: Path, keep: int) -> FetchResult:
+    """Copy the files of ``folder`` into ``tmp/images``; refuse a file that changes meanwhile.
+
+    Each copy and folder keeps only the access its source grants the group and other users
+    (``keep`` for ``folder`` itself, narrowed by each folder below it).
+    """
     root = folder.resolve()
     files, skipped = _list_folder(root)
     if skipped:
@@ -232,11 +254,17 @@ def _copy_folder(source: str, folder: Path, tmp: Path) -> FetchResult:
             f"the folder {folder} holds no files; fetch.source must be a folder of class "
             "sub-folders (e.g. cats/1.jpg, dogs/2.jpg)"
         )
-    images = tmp / "images"
+    images, gid, umask = tmp / "images", tmp.stat().st_gid, _umask()
+    masks = {PurePosixPath("."): keep}  # source folder -> the access its copies may keep
+    images.mkdir()
     total = 0
     for rel, path in files:
+        for parent in reversed(PurePosixPath(rel).parents[:-1]):
+            if parent not in masks:
+                masks[parent] = masks[parent.parent] & _access_mask(root / parent, gid)
+                (images / parent).mkdir()
+                (images / parent).chmod(0o700 | (masks[parent] & ~umask))
         dest = images / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
         before = os.stat(path)
         shutil.copyfile(path, dest)
         after = os.stat(path)
@@ -245,6 +273,8 @@ def _copy_folder(source: str, folder: Path, tmp: Path) -> FetchResult:
                 f"{path} changed while it was being copied; run fetch again once nothing "
                 "writes to the source folder"
             )
+        mask = masks[PurePosixPath(rel).parent] & _grants(after, 4, gid)
+        dest.chmod(0o600 | (after.st_mode & mask & 0o666 & ~umask))
         total += after.st_size
     return FetchResult(
         source=source,
@@ -257,40 +287,129 @@ def _copy_folder(source: str, folder: Path, tmp: Path) -> FetchResult:
     )
 
 
+def check_source_folder(folder: Path) -> None:
+    """Raise :class:`StageError`, naming them, if ``folder`` holds entries DVC cannot hash
+    (``tlp status`` and ``tlp run`` check this before DVC reads the source)."""
+    _list_folder(folder.resolve())
+
+
 def _list_folder(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     """The files to copy (relative POSIX path, file to read), sorted, and what is skipped.
 
     Symlinks to regular files inside the folder are read through; symlinked folders,
-    symlinks pointing outside the folder or at something other than a regular file, and
-    special files (FIFOs, sockets, devices) are skipped, as ``"<path> (<why>)"``.
+    symlinks pointing outside the folder, and hidden entries (``.DS_Store``, ``...``:
+    prepare ignores them) are skipped, as ``"<path> (<why>)"``.
+
+    Raises:
+        StageError: the folder holds entries DVC cannot hash (symlink loops, links to
+            nothing, FIFOs, sockets, devices), all named.
     """
     files: list[tuple[str, Path]] = []
     skipped: list[str] = []
+    unreadable: list[str] = []
+
+    def cannot_list(error: OSError) -> None:
+        unreadable.append(f"{Path(error.filename).relative_to(root)} ({error.strerror})")
+
     # os.walk is bounded: it does not follow symlinked folders (followlinks=False).
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list, followlinks=False):
         here = Path(dirpath)
         rel = here.relative_to(root)
         dirnames.sort()
-        for name in [d for d in dirnames if (here / d).is_symlink()]:
-            skipped.append(f"{rel / name} (symlinked folder)")
+        for name in [d for d in dirnames if d.startswith(".") or (here / d).is_symlink()]:
+            hidden = name.startswith(".")
+            skipped.append(f"{rel / name} ({'hidden' if hidden else 'symlinked folder'})")
             dirnames.remove(name)
         for name in sorted(filenames):
             path = here / name
-            mode = os.lstat(path).st_mode
-            if stat.S_ISLNK(mode):
+            why = _unhashable(path)
+            if why:
+                unreadable.append(f"{rel / name} ({why})")
+            elif name.startswith("."):
+                skipped.append(f"{rel / name} (hidden)")
+            elif path.is_symlink():
                 real = path.resolve()
                 if not real.is_relative_to(root):
                     skipped.append(f"{rel / name} (symlink to outside the folder)")
                     continue
-                if not real.is_file():
-                    skipped.append(f"{rel / name} (symlink to a non-file)")
-                    continue
-                path = real
-            elif not stat.S_ISREG(mode):
-                skipped.append(f"{rel / name} (not a regular file)")
-                continue
-            files.append(((rel / name).as_posix(), path))
+                files.append(((rel / name).as_posix(), real))
+            else:
+                files.append(((rel / name).as_posix(), path))
+    if unreadable:
+        raise StageError(
+            f"fetch.source {root} holds {len(unreadable)} entries that DVC, which hashes the "
+            f"source, cannot read: {'; '.join(unreadable[:10])}. Remove them (or fix the "
+            "links) and run again"
+        )
     return files, skipped
+
+
+def _unhashable(path: Path) -> str | None:
+    """Why DVC cannot hash this folder entry (it follows links), or ``None``."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return "link to nothing" if path.is_symlink() else exc.strerror
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "FIFO" if stat.S_ISFIFO(mode) else "socket or device"
+
+
+# -- permissions ----------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def _grants(info: os.stat_result, bit: int, gid: int) -> int:
+    """The owner, and the classes of users (group, other) that permission ``bit`` (4: read,
+    1: search) of ``info`` lets in, as a mode mask. Where the copy gets another group
+    (``gid``), the group's bit counts only if other users have it too: the copy's group
+    may hold anyone."""
+    other = info.st_mode & bit
+    group = info.st_mode & (bit << 3) and (info.st_gid == gid or other)
+    return 0o700 | (0o070 if group else 0) | (0o007 if other else 0)
+
+
+def _access_mask(path: Path, gid: int) -> int:
+    """Who can read ``path`` now, as a mode mask: every folder above it must be searchable
+    by them, and ``path`` readable (and searchable, if a folder)."""
+    real = path.resolve()
+    info = os.stat(real)
+    mask = _grants(info, 4, gid) & (_grants(info, 1, gid) if stat.S_ISDIR(info.st_mode) else 0o777)
+    for folder in real.parents:
+        mask &= _grants(os.stat(folder), 1, gid)
+    return mask
+
+
+def _restrict(tmp: Path, keep: int) -> None:
+    """Narrow the permissions of everything in ``tmp`` to ``keep`` and the umask (archives
+    carry their own modes); the owner keeps read access."""
+    keep &= ~_umask()
+    for dirpath, dirnames, filenames in os.walk(tmp):
+        for name, floor in [*((d, 0o700) for d in dirnames), *((f, 0o600) for f in filenames)]:
+            path = os.path.join(dirpath, name)
+            os.chmod(path, floor | (os.stat(path).st_mode & keep))  # no links: copies only
+    tmp.chmod(0o700 | (0o777 & keep))
+
+
+def _warn_if_the_project_is_open(out: Path, keep: int) -> None:
+    """Say so when the source is closed to users who can read the project folder: DVC's
+    cache (files 0444) and the later stages' outputs there would be readable by them."""
+    project = Path(os.environ.get("DVC_ROOT") or out.absolute().parent)  # DVC sets DVC_ROOT
+    exposed = _access_mask(project, os.stat(project).st_gid) & ~_umask() & ~keep & 0o077
+    if exposed:
+        log.warning(
+            "fetch.source is not readable by %s, nor is %s now, but the project %s is open "
+            "to them: DVC's cache and the later stages' outputs there will be readable by "
+            "them. To keep them private: chmod 700 %s",
+            "other users" if exposed & 0o007 else "your group", out, project, project,
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,8 @@ from pydantic import (
     field_validator,
 )
 
+from tasks.urls import SecretInURLError, check_url
+
 STAGES = ("fetch", "prepare", "backbone", "train", "evaluate", "export")
 # numpy and keras.utils.set_random_seed accept seeds in [0, 2**32 - 1].
 MAX_SEED = 2**32 - 1
@@ -97,11 +99,11 @@ class FetchParams(_Section):
     def _source(cls, value: str) -> str:
         # Returned as written: dvc.yaml uses the same text as a dependency path or URL.
         if not value.strip():
-            raise ValueError(
-                "must not be empty; use data/builtin/digits.yaml, a URL, or a local path"
-            )
+            raise ValueError("must not be empty; use data/builtin/digits.yaml, a URL, or a path")
         if value.startswith("~"):
             raise ValueError("write the full path: DVC, which tracks the source, does not expand ~")
+        if "://" in value:
+            check_url(value)  # it parses, and holds no credentials (they would be logged)
         if value.startswith("builtin:"):
             name = value.removeprefix("builtin:")
             raise ValueError(
@@ -279,6 +281,8 @@ def _describe(error: dict[str, Any]) -> str:
         allowed = _allowed_keys(error["loc"][:-1])
         where = f"{section}." if section else ""
         return f"unknown key {where}{error['loc'][-1]} (allowed: {', '.join(allowed)})"
+    if isinstance(error.get("ctx", {}).get("error"), SecretInURLError):
+        return f"{key}: {message}"  # the value holds a secret: never echo it
     # reprlib: a huge value (say, one a YAML alias expanded) is never printed whole.
     return f"{key}: {message} (got {_SHORT.repr(error.get('input'))})"
 

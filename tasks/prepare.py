@@ -23,20 +23,20 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import struct
+import shutil
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
-import numpy as np
 from PIL import Image
 
 from tasks.builtin import read_idx
 from tasks.common import StageError, atomic_path, log, progress, read_json, run_stage, write_json
 from tasks.imaging import Item, decode, decode_in_order  # noqa: F401 (decode: tests import it here)
 from tasks.params import PrepareParams, load_params
+from tasks.shards import HEADER_BYTES, ShardWriter
 
 SPLITS = ("train", "val", "test")
 _LOGGED_REJECTS = 100
@@ -61,29 +61,39 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith((".", "__MACOSX"))
 
 
+def _entries(folder: Path, hidden: list[Path]) -> tuple[list[Path], list[Path]]:
+    """The visible sub-folders and files of ``folder``, sorted; hidden entries (``.*``,
+    ``__MACOSX``) are added to ``hidden``."""
+    entries = sorted(folder.iterdir())
+    hidden += [p for p in entries if not _visible(p)]
+    visible = [p for p in entries if _visible(p)]
+    return [p for p in visible if p.is_dir()], [p for p in visible if p.is_file()]
+
+
+def _class_name(folder: Path) -> str:
+    # One name, one class: macOS writes "café" decomposed (NFD), Linux composed (NFC).
+    return unicodedata.normalize("NFC", folder.name)
+
+
 def find_class_root(root: Path) -> list[tuple[str, Path]]:
     """Find the class folders under ``root``.
 
     Descends through folders that hold a single sub-folder and no images (archives often
     wrap everything in one folder), and merges ``train/``, ``val/``, ``test/`` split
-    folders by class name (we make our own split).
+    folders by class name (we make our own split). A class is named after its folder in
+    Unicode NFC, so ``café`` written composed or decomposed is one class.
 
     Returns:
         ``(class_name, folder)`` pairs; a class may appear more than once.
     """
-    return _class_folders(root)[0]
+    return _class_folders(root, [])[0]
 
 
-def _class_folders(root: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
+def _class_folders(root: Path, hidden: list[Path]) -> tuple[list[tuple[str, Path]], list[Path]]:
     """``find_class_root``'s pairs, and the visible files that sit outside every class folder."""
-    current = root
-    while True:
-        subdirs = sorted(p for p in current.iterdir() if p.is_dir() and _visible(p))
-        files = [p for p in current.iterdir() if p.is_file() and _visible(p)]
-        if len(subdirs) == 1 and not files:
-            current = subdirs[0]
-            continue
-        break
+    subdirs, files = _entries(root, hidden)
+    while len(subdirs) == 1 and not files:
+        subdirs, files = _entries(subdirs[0], hidden)
     if not subdirs:
         raise StageError(
             f"no class folders found under {root}: put the images in one sub-folder per class "
@@ -92,34 +102,48 @@ def _class_folders(root: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
     if {d.name.lower() for d in subdirs} <= SPLIT_DIR_NAMES:
         pairs = []
         for split_dir in subdirs:
-            pairs += [
-                (d.name, d) for d in sorted(split_dir.iterdir()) if d.is_dir() and _visible(d)
-            ]
-            files += [p for p in split_dir.iterdir() if p.is_file() and _visible(p)]
+            classes, strays = _entries(split_dir, hidden)
+            pairs += [(_class_name(d), d) for d in classes]
+            files += strays
         return pairs, sorted(files)
-    return [(d.name, d) for d in subdirs], sorted(files)
+    return [(_class_name(d), d) for d in subdirs], sorted(files)
 
 
 def iter_folder(root: Path) -> tuple[list[str], list[Item]]:
     """List every file under each class folder (sorted, so runs are deterministic).
 
     Files beside the class folders belong to no class: they are listed too, as rejects,
-    so that nothing is dropped without a trace.
+    so that nothing is dropped without a trace. Hidden entries are ignored and counted in
+    a warning; class folders whose names differ only in Unicode form are merged, saying so.
     """
-    pairs, strays = _class_folders(root)
+    hidden: list[Path] = []
+    pairs, strays = _class_folders(root, hidden)
     items: list[Item] = [
         Item(str(file.relative_to(root.parent)), "", file, reason="not inside a class folder")
         for file in strays
     ]
     names = sorted({name for name, _ in pairs})
+    for name in names:
+        spelt = sorted({folder.name for label, folder in pairs if label == name})
+        if len(spelt) > 1:
+            log.warning(
+                "prepare: class folders %s are one name in different Unicode forms; "
+                "merged into class %r", spelt, name,
+            )  # fmt: skip
     for name, folder in pairs:
         for dirpath, dirnames, filenames in os.walk(folder):
+            here = Path(dirpath)
+            hidden += [here / n for n in [*dirnames, *filenames] if n.startswith(".")]
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(filenames):
-                if filename.startswith("."):
-                    continue
-                file = Path(dirpath, filename)
+            for filename in sorted(f for f in filenames if not f.startswith(".")):
+                file = here / filename
                 items.append(Item(str(file.relative_to(root.parent)), name, file))
+    if hidden:
+        shown = ", ".join(str(p.relative_to(root.parent)) for p in hidden[:5])
+        log.warning(
+            "prepare: ignored %d hidden entries (names starting with '.', or __MACOSX): %s%s",
+            len(hidden), shown, " ..." if len(hidden) > 5 else "",
+        )  # fmt: skip
     return names, items
 
 
@@ -158,68 +182,6 @@ def split_of(digest: str, params: PrepareParams) -> str:
     if position < params.test_fraction + params.val_fraction:
         return "val"
     return "train"
-
-
-class _ShardWriter:
-    """Streams images per split into ``shards/<split>-<n>.npy``, one open file per split.
-
-    Pixels go to disk as they arrive; only the ``.npy`` header, rewritten when a shard is
-    closed, waits for the final count. Memory does not grow with ``prepare.shard_size``.
-    """
-
-    _HEADER_BYTES = 128  # fixed, so the header can be rewritten in place (multiple of 64)
-
-    def __init__(self, folder: Path, shard_size: int):
-        self.folder = folder
-        self.shard_size = shard_size
-        self.files: dict[str, BinaryIO | None] = dict.fromkeys(SPLITS)
-        self.rows: dict[str, int] = dict.fromkeys(SPLITS, 0)
-        self.shape: dict[str, tuple[int, ...]] = {}
-        self.counts: dict[str, int] = dict.fromkeys(SPLITS, 0)
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def _name(self, split: str) -> str:
-        return f"{split}-{self.counts[split]:05d}.npy"
-
-    def add(self, split: str, pixels: np.ndarray) -> tuple[str, int]:
-        """Append one uint8 image; return its shard file name and row."""
-        handle = self.files[split]
-        if handle is None:
-            handle = self.files[split] = (self.folder / self._name(split)).open("wb")
-            handle.write(b"\0" * self._HEADER_BYTES)
-            self.shape[split] = pixels.shape
-        elif pixels.shape != self.shape[split]:
-            raise StageError(f"image shape {pixels.shape} differs from {self.shape[split]}")
-        location = self._name(split), self.rows[split]
-        handle.write(np.ascontiguousarray(pixels, np.uint8).data)
-        self.rows[split] += 1
-        if self.rows[split] >= self.shard_size:
-            self._flush(split)
-        return location
-
-    def _flush(self, split: str) -> None:
-        handle = self.files[split]
-        if handle is None:
-            return
-        header = repr(
-            {
-                "descr": "|u1",
-                "fortran_order": False,
-                "shape": (self.rows[split], *self.shape[split]),
-            }
-        )
-        body = header.ljust(self._HEADER_BYTES - 11) + "\n"  # magic 6 + version 2 + length 2
-        handle.seek(0)
-        handle.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1"))
-        handle.close()
-        self.files[split] = None
-        self.rows[split] = 0
-        self.counts[split] += 1
-
-    def close(self) -> None:
-        """Finish every open shard."""
-        for split in SPLITS:
-            self._flush(split)
 
 
 def _resolve_classes(
@@ -264,7 +226,8 @@ def prepare(params: PrepareParams, raw: Path, out: Path) -> PrepareResult:
         A :class:`PrepareResult` summary.
 
     Raises:
-        StageError: no classes, too many bad files, or classes that are too small.
+        StageError: no classes, too many bad files, classes that are too small, or shards
+            that would not fit on the disk.
     """
     if (raw / "idx").is_dir():
         classes, items = iter_idx(raw / "idx")
@@ -276,6 +239,7 @@ def prepare(params: PrepareParams, raw: Path, out: Path) -> PrepareResult:
         raise StageError(f"{raw} does not exist; run the fetch stage first")
     if not items:
         raise StageError(f"no files found under {raw}")
+    _check_disk_space(params, len(items), out)
 
     previous_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = params.max_pixels  # PIL's decompression-bomb guard, as configured
@@ -288,13 +252,34 @@ def prepare(params: PrepareParams, raw: Path, out: Path) -> PrepareResult:
         Image.MAX_IMAGE_PIXELS = previous_limit
 
 
+def _check_disk_space(params: PrepareParams, n_files: int, out: Path) -> None:
+    """Refuse, before writing anything, shards that cannot fit in the free space at ``out``.
+
+    Every file may become an image of ``prepare.image_size`` (height x width x 3 bytes:
+    the shards are uncompressed), so the estimate is an upper bound; rejected files take
+    no space.
+    """
+    height, width = params.image_size
+    shards = n_files // params.shard_size + len(SPLITS)
+    need = n_files * height * width * 3 + shards * HEADER_BYTES + 64 * n_files  # + manifest
+    where = next(path for path in (out, *out.absolute().parents) if path.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise StageError(
+            f"prepare would write up to {need / 1e9:,.1f} GB of shards ({n_files:,} images of "
+            f"{height}x{width}x3 bytes, prepare.image_size {list(params.image_size)}) into "
+            f"{out}, but only {free / 1e9:,.1f} GB is free there (and DVC then copies them into "
+            "its cache, unless it links files). Lower prepare.image_size, or free disk space"
+        )
+
+
 MANIFEST_COLUMNS = ("path", "label", "label_index", "split", "sha256", "width", "height", "shard", "offset")  # fmt: skip
 
 
 def _prepare_items(
     params: PrepareParams, classes: list[str], items: list[Item], out: Path
 ) -> PrepareResult:
-    writer = _ShardWriter(out / "shards", params.shard_size)
+    writer = ShardWriter(out / "shards", params.shard_size, SPLITS)
     rows: list[dict] = []
     rejects: list[tuple[str, str]] = []
     # Decoding and resizing release the GIL; one thread more than the CPUs keeps them busy

@@ -26,13 +26,20 @@ if "tasks.train" in sys.orig_argv:
         with open(marker + ".tmp", "w") as handle:
             handle.write(str(os.getpid()))
         os.replace(marker + ".tmp", marker)
-        threading.Event().wait(900)  # longer than any test waits: only a kill ends it
+        release = os.environ.get("TLP_TEST_RELEASE")
+        for _ in range(9000):  # 900 s, longer than any test waits: a kill (or release) ends it
+            if release and os.path.exists(release):
+                keras.callbacks.CallbackList.on_train_batch_end = original  # pause only once
+                return
+            threading.Event().wait(0.1)
 
     keras.callbacks.CallbackList.on_train_batch_end = on_train_batch_end
 """
 
 
-def pause_train_after_first_batch(folder: Path, project: Path) -> tuple[dict[str, str], Path]:
+def pause_train_after_first_batch(
+    folder: Path, project: Path, release: Path | None = None
+) -> tuple[dict[str, str], Path]:
     """An environment in which the train stage stops after its first batch and says so.
 
     Give the environment to whatever starts the stage (``dvc repro``, ``tlp run``): it puts
@@ -44,6 +51,8 @@ def pause_train_after_first_batch(folder: Path, project: Path) -> tuple[dict[str
     Args:
         folder: a new folder for the hook.
         project: the project the command runs in (its code must stay importable).
+        release: a file the test creates to let training go on (without it, only a kill
+            ends the pause).
 
     Returns:
         ``(environment variables to add, marker file)``: wait for the marker to exist,
@@ -53,4 +62,6 @@ def pause_train_after_first_batch(folder: Path, project: Path) -> tuple[dict[str
     (folder / "sitecustomize.py").write_text(_PAUSE_TRAIN_AFTER_FIRST_BATCH)
     marker = folder / "train-paused"
     env = {"PYTHONPATH": f"{folder}{os.pathsep}{project}", "TLP_TEST_PAUSED": str(marker)}
+    if release is not None:
+        env["TLP_TEST_RELEASE"] = str(release)
     return env, marker

@@ -23,7 +23,8 @@ It binds ``127.0.0.1`` on a free port and serves each request in its own thread.
 - ``ranges``: honour ``Range`` (and ``If-Range``) requests with 206 answers;
 - ``conditional``: answer ``If-None-Match`` / ``If-Modified-Since`` with 304 when the file
   has not changed (the ``ETag`` is built from the file's size and mtime in nanoseconds, so
-  rewriting a file changes it).
+  rewriting a file changes it);
+- ``basic_auth``: ``"user:password"`` that every request must carry (HTTP basic auth), or 401.
 
 Every request is recorded in :attr:`FileServer.requests`. Every loop in here is bounded
 by the size of the file being sent, and stopping the server wakes throttled senders.
@@ -31,6 +32,7 @@ by the size of the file being sent, and stopping the server wakes throttled send
 
 from __future__ import annotations
 
+import base64
 import re
 import socket
 import struct
@@ -80,6 +82,7 @@ class FileServer:
         ranges: support ``Range`` requests (otherwise they are answered with the full file).
         etag: send an ``ETag`` header (``Last-Modified`` is always sent).
         conditional: answer conditional requests with 304 Not Modified.
+        basic_auth: ``"user:password"`` every request must send (basic auth), else 401.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class FileServer:
         ranges: bool = True,
         etag: bool = True,
         conditional: bool = True,
+        basic_auth: str | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.throttle_bps = throttle_bps
@@ -108,6 +112,7 @@ class FileServer:
         self.ranges = ranges
         self.etag = etag
         self.conditional = conditional
+        self.basic_auth = basic_auth
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._gets = 0
@@ -228,6 +233,9 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 return self._send_bytes(
                     server.error_status, b"simulated failure\n", "text/plain", body
                 )
+            expected = f"Basic {base64.b64encode((server.basic_auth or '').encode()).decode()}"
+            if server.basic_auth is not None and self.headers.get("Authorization") != expected:
+                return self._send_bytes(401, b"log in first\n", "text/plain", body)
             if server._serves_html(path):
                 return self._send_bytes(200, HTML_PAGE, "text/html; charset=utf-8", body)
             file = (server.root / path).resolve()

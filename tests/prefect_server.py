@@ -8,6 +8,7 @@ Every wait is bounded; every process started here is stopped at the end of the s
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -108,11 +109,22 @@ def spawn(
 
 @dataclass
 class PrefectServer:
-    """A running ``tlp server`` and a small client for its REST API."""
+    """A running ``tlp server`` and a small client for its REST API.
+
+    Every request carries the project's API secret (``auth``, from ``.tlp/api-auth``).
+    """
 
     url: str
     process: subprocess.Popen
     log: Path
+    auth: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The ``Authorization`` header Prefect's basic auth expects (none without ``auth``)."""
+        if self.auth is None:
+            return {}
+        return {"Authorization": f"Basic {base64.b64encode(self.auth.encode()).decode()}"}
 
     @property
     def api(self) -> str:
@@ -121,13 +133,15 @@ class PrefectServer:
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         """POST to the API and return the decoded JSON."""
-        response = httpx.post(f"{self.api}{path}", json=body or {}, timeout=30)
+        response = httpx.post(
+            f"{self.api}{path}", json=body or {}, headers=self.headers, timeout=30
+        )
         response.raise_for_status()
         return response.json()
 
     def get(self, path: str) -> Any:
         """GET from the API and return the decoded JSON."""
-        response = httpx.get(f"{self.api}{path}", timeout=30)
+        response = httpx.get(f"{self.api}{path}", headers=self.headers, timeout=30)
         response.raise_for_status()
         return response.json()
 
@@ -189,6 +203,7 @@ def start_server(project: Path, log: Path, timeout: float = 240) -> PrefectServe
             return False
 
     wait_for(healthy, timeout, "the Prefect server to answer", interval=1)
+    server.auth = (project / ".tlp" / "api-auth").read_text().strip()  # made before it started
     return server
 
 

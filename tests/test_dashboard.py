@@ -68,10 +68,28 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
+def log_in(page, url: str, secret: str) -> None:
+    """Open the dashboard at the address ``tlp server`` prints and log in as a person does:
+    a wrong secret is refused, the project's one lets the browser in (and it keeps it)."""
+    page.goto(url)
+    field = page.get_by_placeholder("admin:pass")  # Prefect's login page
+    field.wait_for()
+    assert "/login" in page.url  # no data before: every API call the page makes gets 401
+    screenshot(page, "dashboard-login.png")
+    field.fill("tlp:not-the-secret")
+    field.press("Enter")
+    page.get_by_text("Invalid credentials").wait_for()
+    assert "/login" in page.url
+    field.fill(secret)
+    field.press("Enter")
+    page.wait_for_url(lambda address: "/login" not in address)
+
+
 def test_flow_run_page_shows_the_six_stage_task_runs_and_the_metrics_artifact(pipeline, page):
     server, run_id = pipeline.server, pipeline.first_run_id
     flow_run = server.flow_run(run_id)
 
+    log_in(page, server.url, server.auth)  # the API answers only to the project's secret
     page.goto(f"{server.url}/runs/flow-run/{run_id}")
     page.get_by_text(flow_run["name"], exact=True).first.wait_for()
     page.get_by_text("Task Runs", exact=True).click()

@@ -7,11 +7,15 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import stat
 import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +25,10 @@ from PIL import Image
 
 from tasks.builtin import IDX_FILES
 from tasks.common import EXIT_TRANSIENT, StageError, TransientError
-from tasks.download import cache_name
+from tasks.download import cache_name, download
 from tasks.fetch import FetchResult, fetch
 from tasks.params import FetchParams, ParamsError, load_params, read_yaml, with_changes
-from tests.conftest import PARAMS, requires, write_params
+from tests.conftest import PARAMS, make_project, requires, run, set_params, write_params
 from tests.httpserver import FileServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -458,7 +462,9 @@ def test_local_folder(tmp_path: Path, images: dict[str, bytes]) -> None:
     (folder / "cat" / "escape.png").symlink_to(secret)
     (folder / "dog" / "alias.png").symlink_to(folder / "cat" / "0.png")
     (folder / "outside_dir").symlink_to(tmp_path, target_is_directory=True)
-    os.mkfifo(folder / "dog" / "pipe")
+    (folder / "...").mkdir()  # hidden, as prepare sees it: not a class
+    (folder / "..." / "1.png").write_bytes(images["cat/0.png"])
+    (folder / "cat" / ".DS_Store").write_bytes(b"Bud1")
 
     result = fetch(fetch_params(source=str(folder)), tmp_path / "raw", tmp_path / "cache")
     copied = tree(tmp_path / "raw" / "images")
@@ -466,10 +472,118 @@ def test_local_folder(tmp_path: Path, images: dict[str, bytes]) -> None:
     assert not (tmp_path / "raw" / "images" / "dog" / "alias.png").is_symlink()
     assert result.kind == "folder" and result.files == len(images) + 1
     assert sorted(result.details["skipped"]) == [
+        "... (hidden)",
+        "cat/.DS_Store (hidden)",
         "cat/escape.png (symlink to outside the folder)",
-        "dog/pipe (not a regular file)",
         "outside_dir (symlinked folder)",
     ]
+
+
+def test_a_folder_dvc_cannot_hash_is_refused_naming_every_entry(
+    tmp_path: Path, images: dict[str, bytes]
+) -> None:
+    folder = tmp_path / "dataset"
+    for name, data in images.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    (folder / "cat" / "loop.png").symlink_to("loop.png")
+    (folder / "dog" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    os.mkfifo(folder / "dog" / "pipe.png")  # DVC would wait on it forever
+
+    with pytest.raises(StageError) as error:
+        fetch(fetch_params(source=str(folder)), tmp_path / "raw", tmp_path / "cache")
+    assert "3 entries that DVC, which hashes the source, cannot read" in str(error.value)
+    for entry in ("cat/loop.png (symlink loop)", "dog/gone.png (link to nothing)",
+                  "dog/pipe.png (FIFO)"):  # fmt: skip
+        assert entry in str(error.value)
+    assert not (tmp_path / "raw").exists()
+
+    # DVC hashes the source before any stage runs (it would fail on the loop with a
+    # traceback and wait forever on the FIFO): `tlp status` names the entries instead.
+    project = make_project(tmp_path / "project", {"fetch": {"source": str(folder)}})
+    cli = [sys.executable, "-m", "flows.cli", "status"]
+    status = run(cli, project, check=False, timeout=120)
+    assert status.returncode == 1 and "Traceback" not in status.stderr
+    assert status.stderr.count("ERROR:") == 1 and "dog/pipe.png (FIFO)" in status.stderr
+    set_params(project, {"fetch": {"source": "http://[::1"}})  # DVC: "Invalid IPv6 URL" alone
+    status = run(cli, project, check=False, timeout=120)
+    assert status.returncode == 1 and "Traceback" not in status.stderr
+    assert "ERROR: invalid params: fetch.source: Value error, is not a valid URL" in status.stderr
+
+    (folder / "loop").symlink_to("loop")
+    done = run_cli(tmp_path, str(folder / "loop"))  # the source itself: one clear line
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR: fetch:")]
+    assert done.returncode == 1 and len(errors) == 1 and "symlink loop" in errors[0]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder other users can read (pytest's own temporary folders are 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="tlp-open-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def modes(root: Path) -> dict[str, int]:
+    """The permission bits of everything under ``root``, itself included (as ".")."""
+    return {
+        str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]
+    }
+
+
+def write_folder(folder: Path, images: dict[str, bytes]) -> None:
+    """``images`` as a class-folder tree: folders 0755, files 0644 (what a umask of 022 gives)."""
+    for name, data in images.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        (folder / name).write_bytes(data)
+        (folder / name).chmod(0o644)
+
+
+def test_nothing_fetched_from_a_private_folder_is_readable_by_others(
+    open_folder: Path, www: Path, images: dict[str, bytes]
+) -> None:
+    private = open_folder / "mine"
+    write_folder(private, images)
+    private.chmod(0o700)  # the one thing that keeps the files inside from other users
+    archive = open_folder / "mine.tar.gz"
+    shutil.copy(www / "data.tar.gz", archive)  # its members are 0644
+    archive.chmod(0o600)
+    umask = os.umask(0o022)
+    try:
+        for source in (private, archive):
+            out = open_folder / f"raw-{source.name}"
+            fetch(fetch_params(source=str(source)), out, open_folder / "cache")
+            assert tree(out / "images") == images  # nothing lost
+            readable = {path: mode for path, mode in modes(out).items() if mode & 0o077}
+            assert readable == {}, f"{source.name}: readable by others: {readable}"
+            assert modes(out)["images"] == 0o700 and modes(out)["source.json"] == 0o600
+
+        public = open_folder / "shared"  # readable by all: copies keep that (umask 022)
+        write_folder(public, images)
+        fetch(fetch_params(source=str(public)), open_folder / "raw", open_folder / "cache")
+        assert set(modes(open_folder / "raw").values()) == {0o755, 0o644}
+        os.umask(0o077)  # a stricter umask wins over the source's permissions
+        fetch(fetch_params(source=str(public)), open_folder / "raw", open_folder / "cache")
+        assert set(modes(open_folder / "raw").values()) == {0o700, 0o600}
+    finally:
+        os.umask(umask)
+
+
+def test_a_private_source_fetched_into_an_open_project_is_a_warning(
+    open_folder: Path, images: dict[str, bytes]
+) -> None:
+    private = open_folder / "mine"
+    write_folder(private, images)
+    private.chmod(0o700)
+    done = run_cli(open_folder, str(private))  # the output goes to open_folder/raw
+    assert done.returncode == 0, done.stderr
+    assert "fetch.source is not readable by other users" in done.stderr
+    assert f"chmod 700 {open_folder}" in done.stderr
+    assert all(mode & 0o077 == 0 for mode in modes(open_folder / "raw").values())
 
 
 def test_failed_fetch_leaves_the_previous_output_intact(
@@ -535,6 +649,7 @@ def run_cli(tmp_path: Path, source: str, **fetch: object) -> subprocess.Complete
     [
         ("ftp://x", "unsupported URL scheme 'ftp'"),
         ("no/such/folder", "does not exist"),
+        ("http://[::1", "fetch.source: Value error, is not a valid URL (Invalid IPv6 URL)"),
     ],
 )
 def test_cli_bad_source(tmp_path: Path, source: str, message: str) -> None:
@@ -560,3 +675,57 @@ def test_cli_download_that_keeps_failing_exits_75(tmp_path: Path, www: Path) -> 
     errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR: fetch:")]
     assert len(errors) == 1 and "could not download" in errors[0] and "HTTP 503" in errors[0]
     assert not (tmp_path / "raw").exists()
+
+
+# -- credentials ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://me:s3cret@example.org/data.tar.gz",
+        "https://example.org/data.tar.gz?token=s3cret",
+        "https://example.org/data.tar.gz?X-Amz-Signature=s3cret&X-Amz-Date=20260101",
+        "https://example.org/data.tar.gz?v=2&api_key=s3cret",
+    ],
+)
+def test_credentials_in_a_url_are_refused_and_never_repeated(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ParamsError) as error:
+        fetch_params(source=url)
+    assert "source: Value error, must not hold credentials" in str(error.value)
+    assert "~/.netrc" in str(error.value) and "s3cret" not in str(error.value)
+
+    done = run_cli(tmp_path, url)  # the stage itself, as `dvc repro` runs it
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR: fetch:")]
+    assert done.returncode == 1 and len(errors) == 1 and "must not hold credentials" in errors[0]
+    assert "s3cret" not in done.stdout + done.stderr
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "cache").exists()
+
+    with pytest.raises(StageError) as error:  # any other download (a descriptor's base URL)
+        download(url, tmp_path / "cache", what="a .gz file")
+    assert "must not hold credentials" in str(error.value) and "s3cret" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_url_behind_a_login_is_fetched_with_netrc_and_the_secret_recorded_nowhere(
+    tmp_path: Path, www: Path, images: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    netrc = tmp_path / "netrc"
+    with FileServer(www, basic_auth="me:s3cret") as server:
+        url = server.url("data.tar.gz")
+        with pytest.raises(StageError, match="HTTP 401"):  # no login: fails at once
+            fetch(fetch_params(source=url), tmp_path / "raw", tmp_path / "cache")
+
+        netrc.write_text("machine 127.0.0.1\nlogin me\npassword s3cret\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))  # read by requests and by DVC
+        project = make_project(tmp_path / "project", {"fetch": {"source": url}})
+        status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+        assert status["fetch"][0]["changed deps"][url] == "modified"  # DVC got in: not "deleted"
+        repro = run(["dvc", "repro", "fetch"], project)
+    assert tree(project / "data" / "raw" / "images") == images
+    lock = (project / "dvc.lock").read_text()
+    assert f"path: {url}" in lock  # DVC tracks the URL as it is: without the secret
+    assert json.loads((project / "data" / "raw" / "source.json").read_text())["source"] == url
+    recorded = [repro.stdout, repro.stderr, lock, *map(Path.read_text, project.rglob("*.json"))]
+    assert not [text for text in recorded if "s3cret" in text]

@@ -303,6 +303,7 @@ def test_prefect_deploy_puts_the_flow_on_a_work_pool_and_a_worker_elsewhere_runs
 ):
     server, project = pipeline.server, pipeline.project
     env = {"PREFECT_API_URL": server.api, "PREFECT_HOME": str(project / ".tlp/prefect")}
+    env["PREFECT_API_AUTH_STRING"] = server.auth  # plain `prefect` needs the project's secret
     prefect = [sys.executable, "-m", "prefect"]
     run([*prefect, "work-pool", "create", "tlp", "--type", "process"], project, env=env)
     run([*prefect, "deploy", "--name", "tlp-pipeline"], project, env=env)  # reads prefect.yaml

@@ -7,15 +7,19 @@ exit code and the untouched previous output are the point.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
 import io
 import json
+import logging
+import re
 import shutil
 import struct
 import tracemalloc
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +282,65 @@ def test_classes_are_found_through_wrapper_and_split_folders(tmp_path):
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["cat", "dog"]
     rejects = rejects_of(tmp_path / "out")
     assert rejects == {"images/dataset-v1/train/notes.txt": "not inside a class folder"}
+
+
+@contextlib.contextmanager
+def logged_warnings() -> Iterator[list[str]]:
+    """The warnings the stages log (logger ``tlp``) inside the block, whatever its handlers."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("tlp").addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger("tlp").removeHandler(handler)
+
+
+def test_a_class_folder_spelt_in_two_unicode_forms_is_one_class(tmp_path):
+    raw = tmp_path / "raw"
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # both print as café
+    write_classes(raw, {composed: 3, decomposed: 3, "tea": 6})
+    with logged_warnings() as warned:
+        result = prepare(params(min_images_per_class=5), raw, tmp_path / "out")
+    assert result.classes == [composed, "tea"]  # NFC, and one class: 3 + 3 images
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == [composed, "tea"]
+    assert sum(result.counts[composed].values()) == 6 and result.n_images == 12
+    assert [w for w in warned if "one name in different Unicode forms" in w and composed in w]
+
+
+def test_hidden_entries_are_ignored_and_counted_in_a_warning(tmp_path):
+    raw = tmp_path / "raw"
+    write_classes(raw / "images", {"a": 6, "b": 6})
+    write_classes(raw / "images", {"...": 6}, start=50)  # a class folder named "..."
+    (raw / "images" / "a" / ".thumb.png").write_bytes(noise_png(999))
+    with logged_warnings() as warned:
+        result = prepare(params(), raw, tmp_path / "out")
+    assert result.classes == ["a", "b"] and result.n_images == 12
+    assert (
+        "prepare: ignored 2 hidden entries (names starting with '.', or __MACOSX): "
+        in "\n".join(warned)
+    )
+    assert [w for w in warned if "images/..." in w and "images/a/.thumb.png" in w]
+
+
+def test_shards_that_cannot_fit_on_the_disk_are_refused_before_anything_is_written(tmp_path):
+    image_bytes = 2048 * 2048 * 3
+    # 1.5x what the disk holds now, whatever else writes to it meanwhile. Empty files: only
+    # their number counts, and were the check missing, each would be rejected unwritten.
+    count = int(shutil.disk_usage(tmp_path).free / image_bytes * 1.5) + 1
+    for index in range(count):
+        folder = tmp_path / "raw" / "ab"[index % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{index}.png").touch()
+    with pytest.raises(StageError) as error:
+        prepare(params(image_size=(2048, 2048)), tmp_path / "raw", tmp_path / "out")
+    message = str(error.value)
+    need, free = map(float, re.findall(r"([\d,.]+) GB", message.replace(",", "")))
+    assert need >= round(count * image_bytes / 1e9, 1) > free  # the message rounds to 0.1 GB
+    assert f"({count:,} images of 2048x2048x3 bytes" in message and "GB is free there" in message
+    assert "Lower prepare.image_size" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_no_class_folders_is_a_clear_error(tmp_path):
