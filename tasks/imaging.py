@@ -245,6 +245,8 @@ def _decode_open(image: Image.Image, width: int, height: int) -> Image.Image:
         if orientation in (5, 6, 7, 8):
             stored_size = (height, width)
         shrunk = _shrink_to_rgb(image, stored_size)
+        if shrunk is image:  # already RGB at the target size: nothing was copied
+            shrunk = image.copy()
         image.close()  # the full-size pixels go before the budget is released
     method = _TRANSPOSE.get(orientation)
     return shrunk.transpose(method) if method is not None else shrunk

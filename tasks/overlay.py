@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from tasks.common import read_json, setup_logging
-    from tasks.predict import expand_inputs, load_pixels
+    from tasks.imaging import decode
+    from tasks.predict import DecodeLimits, iter_inputs
     from tasks.safety import load_model_safely
 
     setup_logging()
@@ -40,14 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"ERROR: cannot load the trained model: {exc}. Run the pipeline first.", file=sys.stderr)  # fmt: skip
         return 1
-    files, failures = expand_inputs(args.inputs)
-    skipped = [(failure.path, failure.reason) for failure in failures]
+    limits = DecodeLimits(tuple(info["image_size"]))
+    skipped: list[tuple[str, str]] = []
     written = 0
-    for file in files:
-        pixels, reason = load_pixels(file, tuple(info["image_size"]))
-        if pixels is None:
-            skipped.append((str(file), reason))
+    for item in iter_inputs(args.inputs):  # the files `tlp predict` would read, and no others
+        decoded = decode(item, limits)
+        if decoded.pixels is None:
+            skipped.append((item.path, decoded.reason))
             continue
+        pixels, file = decoded.pixels, Path(item.path)
         try:
             explained = gradcam(model, pixels[None], layer=args.layer)
         except StageError as exc:

@@ -300,3 +300,21 @@ def test_decoding_16bit_greyscale_uses_no_float_copy(tmp_path, budget):
     (tmp_path / "mid.png").write_bytes(buffer.getvalue())
     mid = decode(Item("m", "", tmp_path / "mid.png"), with_changes(PARAMS.prepare, image_size=(8, 8)))  # fmt: skip
     assert (mid.pixels == 128).all()  # 32896 / 257 exactly, as 255/65535 scaling gives
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_an_image_already_at_the_target_size_decodes_to_its_own_pixels(tmp_path, mode):
+    """No resize and (for RGB) no conversion: the decoder must not close what it returns."""
+    rng = np.random.default_rng(3)
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 256, (16, 24, channels), dtype=np.uint8).squeeze()
+    if mode == "RGBA":
+        pixels[..., 3] = 255  # opaque: compositing on white changes nothing
+    path = tmp_path / f"exact-{mode}.png"
+    Image.fromarray(pixels, mode).save(path)
+
+    decoded = decode(Item("exact", "c", path), with_changes(PARAMS.prepare, image_size=(16, 24)))
+
+    assert decoded.reason == ""
+    expected = np.asarray(Image.fromarray(pixels, mode).convert("RGB"))
+    np.testing.assert_array_equal(decoded.pixels, expected)
