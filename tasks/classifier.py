@@ -149,7 +149,10 @@ def capacity_warning(
         return None
     fixes = []
     if not pretrained:
-        fixes.append("freeze more: a pretrained backbone (backbone.weights: imagenet)")
+        fixes.append(
+            "freeze more: a pretrained backbone (backbone.weights: imagenet, with a "
+            "keras.applications backbone.arch such as mobilenet_v2)"
+        )
     elif phase == "fine_tune":
         fixes.append(f"freeze more: fewer train.fine_tune.layers (now {params.fine_tune.layers})")
     if params.dense_units or params.pooling == "flatten":

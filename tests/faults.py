@@ -65,6 +65,9 @@ import os, signal, sys
 if "tasks.train" in sys.orig_argv:
     import keras
 
+    # As in a terminal's foreground job: a shell starts background jobs (a test run with
+    # `&`) with SIGINT ignored, and Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     callbacks = keras.callbacks.CallbackList
     original_epoch_begin, original_batch_end = callbacks.on_epoch_begin, callbacks.on_train_batch_end
     current = [0]
