@@ -218,7 +218,7 @@ def test_training_killed_three_times_resumes_and_ends_like_an_uninterrupted_run(
     # beside the interrupted ones; it shares no output with them).
     reference = with_flags(
         flags, model="ref/model.keras", info="ref/model.json", backup="ref/backup",
-        live="ref/live",
+        live="ref/live", metrics="ref/train.json",
     )  # fmt: skip
     reference_log = (tmp_path / "reference.log").open("w")
     reference_run = subprocess.Popen(
@@ -350,7 +350,7 @@ def test_two_seeded_pipeline_runs_give_identical_metrics_and_weights(built_proje
     )
     for model in ("models/backbone.keras", "models/model.keras"):
         assert weights_digest(second / model) == weights_digest(built_project / model), model
-    for metrics in ("metrics/eval.json", "dvclive/train/metrics.json"):
+    for metrics in ("metrics/eval.json", "metrics/train.json"):
         assert json.loads((second / metrics).read_text()) == json.loads(
             (built_project / metrics).read_text()
         ), metrics
