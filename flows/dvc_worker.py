@@ -38,6 +38,7 @@ from flows.stages import (
     StageFailedError,
     TransientStageError,
     read_pipeline,
+    top_level_metrics,
 )
 from tasks.common import EXIT_FAILED, EXIT_TRANSIENT, RESULT_ENV
 
@@ -267,7 +268,9 @@ def _save(repo: Any, held: HeldLock, name: str) -> str:
     if isinstance(repo.scm, NoSCM) or repo.scm.no_commits:
         raise ValueError("the project is not a git repo with a commit to attach it to")
     outs = [out for stage in repo.index.stages for out in stage.outs]
-    include = [o.def_path for o in outs if (o.metric or o.plot) and not o.use_cache and o.exists]
+    shown = top_level_metrics(Path(repo.root_dir))
+    include = [o.def_path for o in outs if (o.metric or o.plot or o.def_path in shown)
+               and not o.use_cache and o.exists]  # fmt: skip
     repo.lock = held.release()  # exp save's own Repo takes the lock itself
     try:
         rev = repo.experiments.save(name=name, include_untracked=include)

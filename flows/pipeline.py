@@ -213,17 +213,40 @@ def record_run(dvc: DvcWorker, outcomes: list[StageOutcome], name: str) -> str:
 
 
 def publish_results(plan: Pipeline) -> None:
-    """Publish the evaluation metrics, the confusion matrix and the export parity result."""
+    """Publish the evaluation: metrics, quality (guards, warnings), pictures, the confusion
+    matrix; and the export parity result. A weak model let through gets a warning artifact."""
     root, per_class = plan.root, {}
     json_files = {stage: [root / p for p in paths if p.endswith(".json") and (root / p).is_file()]
                   for stage, paths in plan.metrics.items()}  # fmt: skip
     for plot in plan.plots.get("evaluate", ()):
         if plot.get("y") == "class" and (root / plot["path"]).is_file():  # per-class scores
             per_class = reports.per_class_scores(root / plot["path"])
+    training = next((read_json(path) for path in json_files.get("train", [])), None)
     for path in json_files.get("evaluate", [])[:1]:
         metrics = read_json(path)
         description = f"Test-split metrics ({path.relative_to(root)}, stage evaluate)"
         create_table_artifact(reports.metrics_table(metrics), "eval-metrics", description)
+        create_markdown_artifact(
+            reports.quality_markdown(metrics, training), key="quality",
+            description="Can this model be trusted? Test scores against guessing, the "
+            "trainable parameters per training image, warnings",
+        )  # fmt: skip
+        if metrics.get("warnings"):  # only there when evaluate.allow_weak let it through
+            get_run_logger().warning(
+                "weak model kept (evaluate.allow_weak): %s", metrics["warnings"]
+            )
+            create_markdown_artifact(
+                reports.weak_model_markdown(metrics["warnings"]), key="weak-model",
+                description="WARNING: the evaluate stage's guards refuse this model",
+            )  # fmt: skip
+    pictures = [(plot["path"], root / plot["path"]) for plot in plan.plots.get("evaluate", ())
+                if plot["path"].endswith(".png") and (root / plot["path"]).is_file()]  # fmt: skip
+    if pictures:
+        create_markdown_artifact(
+            reports.pictures_markdown(pictures), key="pictures",
+            description="Where the model looked (Grad-CAM), its most confident errors, the "
+            "confusion matrix: reduced copies of the evaluate stage's PNG plots",
+        )  # fmt: skip
     for plot in plan.plots.get("evaluate", ()):
         if plot.get("template") == "confusion" and (root / plot["path"]).is_file():
             axes = plot.get("x", "actual"), plot.get("y", "predicted")

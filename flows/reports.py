@@ -6,11 +6,23 @@ these decide what they say. Nothing here imports Prefect.
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# The guards' figures in the quality artifact: (key in metrics/eval.json's "quality", name,
+# what it says).
+QUALITY_ROWS = (
+    ("baseline_accuracy", "baseline accuracy", "always answering the most frequent test class"),
+    ("lift", "lift", "accuracy / baseline; 1.0 is no better than guessing"),
+    ("prediction_majority_share", "prediction majority share",
+     "share of the test predictions in the most-predicted class"),
+)  # fmt: skip
+PICTURE_WIDTH = 1200  # pixels: artifacts embed a JPEG copy, not the full-size PNG
 
 
 @dataclass(frozen=True)
@@ -25,13 +37,80 @@ class StageOutcome:
     why: str
 
 
-def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """The scalar metrics of a metrics file (``metrics/eval.json``) as metric/value rows."""
-    return [
-        {"metric": key, "value": _round(value)}
-        for key, value in metrics.items()
-        if isinstance(value, int | float) and not isinstance(value, bool)
+def metrics_table(metrics: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    """The numbers of a metrics file (``metrics/eval.json``) as metric/value rows, nested
+    ones under the dotted names DVC shows (``quality.lift``)."""
+    rows = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            rows += metrics_table(value, f"{prefix}{key}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            rows.append({"metric": f"{prefix}{key}", "value": _round(value)})
+    return rows
+
+
+def quality_markdown(evaluation: dict[str, Any], training: dict[str, Any] | None) -> str:
+    """What says whether to trust the model, as Markdown: test accuracy and macro F1, the
+    guards' figures, the saved epoch, the parameters per training image, every warning.
+
+    Args:
+        evaluation: ``metrics/eval.json`` (the evaluate stage's metrics).
+        training: the train stage's metrics (``metrics/train.json``), if there are any.
+    """
+    quality = evaluation.get("quality", {})
+    train = (training or {}).get("train", {})
+    rows = [
+        ("test accuracy", evaluation.get("accuracy"), f"{evaluation.get('test_images')} test images"),
+        ("test macro F1", evaluation.get("macro_f1"), "the mean of the per-class F1 scores"),
+        *((name, quality.get(key), says) for key, name, says in QUALITY_ROWS),
+    ]  # fmt: skip
+    if "params_per_image" in train:
+        rows.append(("trainable parameters per training image", train["params_per_image"],
+                     "the course's rule of thumb: at most 10 (10:1); the train stage warns above it"))  # fmt: skip
+    if "best_epoch" in train:
+        figures = ", ".join(f"{key.removeprefix('best_epoch_')} {_short(value)}"
+                            for key, value in train.items() if key.startswith("best_epoch_"))  # fmt: skip
+        rows.append(("saved (best) epoch", train["best_epoch"],
+                     f"of {train.get('epochs_run', '?')} run; at it: {figures}"))  # fmt: skip
+    lines = ["| figure | value | what it says |", "|---|---:|---|"]
+    lines += [f"| {name} | {_short(value)} | {says} |" for name, value, says in rows]
+    warnings = [*evaluation.get("warnings", []), *(training or {}).get("warnings", [])]
+    lines += ["", "**Warnings**" if warnings else "No warnings.", ""]
+    lines += [f"- {warning}" for warning in warnings]
+    return "\n".join(lines) + "\n"
+
+
+def weak_model_markdown(warnings: list[str]) -> str:
+    """The warning shown when ``evaluate.allow_weak`` let a model the guards refuse through."""
+    lines = [
+        "**Weak model kept**: the evaluate stage's guards refuse this model, and "
+        "`evaluate.allow_weak: true` let it through. Do not ship it before these are fixed:",
+        "",
+        *(f"- {warning}" for warning in warnings),
     ]
+    return "\n".join(lines) + "\n"
+
+
+def pictures_markdown(pictures: list[tuple[str, Path]]) -> str:
+    """Pictures as Markdown images with the pixels inside (``data:`` URLs), so the dashboard
+    shows them without access to the project's files: a JPEG copy at most
+    :data:`PICTURE_WIDTH` pixels wide of each, under its path.
+
+    Args:
+        pictures: (path to show, e.g. ``plots/explain.png``; the file) pairs.
+    """
+    from PIL import Image
+
+    lines = []
+    for title, path in pictures:
+        with Image.open(path) as image:
+            copy = image.convert("RGB")
+        copy.thumbnail((PICTURE_WIDTH, PICTURE_WIDTH * 10))
+        buffer = io.BytesIO()
+        copy.save(buffer, format="JPEG", quality=85)
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        lines += [f"**{title}**", "", f"![{title}](data:image/jpeg;base64,{data})", ""]
+    return "\n".join(lines)
 
 
 def confusion_counts(
@@ -106,6 +185,10 @@ def parity_table(export: dict[str, Any], atol: float, min_agreement: float) -> l
 
 def _round(value: Any) -> Any:
     return round(value, 6) if isinstance(value, float) else value
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
 def _fmt(value: Any) -> str:

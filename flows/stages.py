@@ -65,8 +65,9 @@ class Stage:
 @dataclass(frozen=True)
 class Pipeline:
     """The pipeline as read from DVC's index and status: the project root, the stages
-    (dependencies first), and each stage's metrics files and plot files (paths relative to
-    the root; a plot is its ``dvc.yaml`` properties with its ``path``)."""
+    (dependencies first), and each stage's metrics files (those listed at the top of
+    ``dvc.yaml`` included) and plot files (paths relative to the root; a plot is its
+    ``dvc.yaml`` properties with its ``path``)."""
 
     root: Path
     stages: Sequence[Stage]
@@ -125,10 +126,11 @@ def read_pipeline(repo: Repo) -> Pipeline:
     graph = repo.index.graph.subgraph(stages).reverse(copy=True)  # edges: needed -> needing
     ordered = list(nx.lexicographical_topological_sort(graph, key=lambda s: position[s]))
     locked = _load_yaml(root / LOCK_FILE).get("stages", {})
+    top_level = top_level_metrics(root)
     result, metrics, plots = [], {}, {}
     for stage in ordered:
         name, outs = stage.name, stage.outs
-        metrics[name] = [o.def_path for o in outs if o.metric]
+        metrics[name] = [o.def_path for o in outs if o.metric or o.def_path in top_level]
         plots[name] = [{**(o.plot if isinstance(o.plot, dict) else {}), "path": o.def_path}
                        for o in outs if o.plot]  # fmt: skip
         direct, needed = set(graph.predecessors(stage)), nx.ancestors(graph, stage)
@@ -166,6 +168,12 @@ def _check_inputs(repo: Repo) -> None:
                 and dep.fs.isdir(dep.fs_path)
             ):
                 check_source_folder(Path(dep.fs_path))
+
+
+def top_level_metrics(root: Path) -> set[str]:
+    """The metrics files listed at the top of ``dvc.yaml`` (outputs of stages that are shown
+    after the stages' own metrics files; dvc.yaml says which and why)."""
+    return set(_load_yaml(root / "dvc.yaml").get("metrics", []))
 
 
 def describe_status(name: str, entries: list[Any], locked: Mapping[str, Any], root: Path) -> str:

@@ -7,7 +7,7 @@ The folder (``--backup``, ``.tlp/backup/train`` in dvc.yaml)::
     best-<phase>-e<epoch>.keras     that checkpoint
     <phase>/epoch-<n>.weights.h5    weights + optimizer after n complete epochs
     <phase>/epoch-<n>.json          the logs of those n epochs, the random-generator states
-    <phase>.done.json               the phase finished (a rerun skips it)
+    <phase>.done.json               the phase finished (a rerun skips it), its logs and budget
     diverged.txt                    the run diverged: a rerun with other settings discards it
 
 The callbacks of :mod:`tasks.callbacks` write the best and epoch files during ``fit``;
@@ -42,33 +42,83 @@ def fingerprint(params: TrainParams, backbone_file: Path, prepared: Prepared) ->
     return digest.hexdigest()
 
 
-def check_backup(backup: Path, run_fingerprint: str) -> None:
+def budget(params: TrainParams) -> dict[str, int]:
+    """What a resume may change, but a finished phase must match: epochs and patience."""
+    return {"epochs": params.epochs, "early_stopping_patience": params.early_stopping_patience}
+
+
+def check_backup(
+    backup: Path, run_fingerprint: str, run_budget: dict[str, int] | None = None
+) -> None:
     """Refuse a backup made with other settings; stamp the folder with this run's fingerprint.
 
-    The backup of a run that diverged is the exception: its settings must change anyway
-    (usually the learning rate), so it is discarded with a warning instead of refused.
+    Three kinds of backup are discarded instead, with a log line, since resuming them could
+    not give what this run asks for: one with nothing to resume (the run was killed before
+    its first epoch ended), one of a run that diverged (its settings must change anyway,
+    usually the learning rate), and one that went past this run's budget (more epochs
+    done than ``train.epochs``, or a finished phase run with another epoch budget or
+    patience; :func:`budget`). A resume with more epochs simply goes on.
+
+    Args:
+        backup: the backup folder.
+        run_fingerprint: this run's :func:`fingerprint`.
+        run_budget: this run's :func:`budget`; ``None`` skips that check.
 
     Raises:
         StageError: ``backup`` holds the backup of a run with another fingerprint.
     """
     stamp = backup / "fingerprint.txt"
     if backup.exists() and any(backup.iterdir()):
-        if not stamp.exists() or stamp.read_text().strip() != run_fingerprint:
-            if (backup / DIVERGED_MARK).exists():
-                log.warning("discarding the backup of a run that diverged, in %s", backup)
-                shutil.rmtree(backup)
-            else:
-                raise StageError(
-                    f"{backup} holds a backup of an interrupted run made with other settings "
-                    "(learning rate, backbone, classes or data changed). Resuming would mix two "
-                    f"trainings; delete it to start over (rm -rf {backup}) or restore the "
-                    "settings to resume"
-                )
+        same = stamp.exists() and stamp.read_text().strip() == run_fingerprint
+        past_budget = _past_budget(backup, run_budget) if same else None
+        if not _has_progress(backup):
+            log.info("discarding %s: the interrupted run left nothing to resume", backup)
+            shutil.rmtree(backup)
+        elif not same and (backup / DIVERGED_MARK).exists():
+            log.warning("discarding the backup of a run that diverged, in %s", backup)
+            shutil.rmtree(backup)
+        elif not same:
+            raise StageError(
+                f"{backup} holds a backup of an interrupted run made with other settings "
+                "(learning rate, backbone, classes or data changed). Resuming would mix two "
+                f"trainings; delete it to start over (rm -rf {backup}) or restore the "
+                "settings to resume"
+            )
+        elif past_budget:
+            log.warning(
+                "discarding the backup in %s: %s; training starts over", backup, past_budget
+            )
+            shutil.rmtree(backup)
         else:
             log.info("resuming the interrupted run from its backup in %s", backup)
     backup.mkdir(parents=True, exist_ok=True)
     with atomic_path(stamp) as tmp:  # a kill mid-write must not leave a stamp that mismatches
         tmp.write_text(run_fingerprint + "\n")
+
+
+def _has_progress(backup: Path) -> bool:
+    """Whether ``backup`` holds a best checkpoint, a finished phase or an epoch backup."""
+    return (
+        any(backup.glob("best-*.json"))
+        or any(backup.glob("*.done.json"))
+        or any(latest_backup(folder)[0] for folder in backup.iterdir() if folder.is_dir())
+    )
+
+
+def _past_budget(backup: Path, run_budget: dict[str, int] | None) -> str | None:
+    """Why the backup cannot give this run's model, or ``None`` when it can."""
+    if run_budget is None:
+        return None
+    for done in sorted(backup.glob("*.done.json")):
+        if read_json(done).get("budget") != run_budget:
+            return (
+                f"its {done.name.removesuffix('.done.json')} phase finished with "
+                f"{read_json(done).get('budget')}, this run asks for {run_budget}"
+            )
+    epochs = latest_backup(backup / "head")[0]
+    if epochs > run_budget["epochs"]:
+        return f"it holds {epochs} trained epochs, more than train.epochs {run_budget['epochs']}"
+    return None
 
 
 def mark_diverged(backup: Path) -> None:

@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -192,6 +194,8 @@ def sha256_file(path: str | Path) -> str:
 EXIT_OK = 0
 EXIT_FAILED = 1  # the stage cannot go on with these inputs or params; retrying will not help
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL (sysexits.h): a passing failure (network); retry later
+# Stopped by SIGINT (Ctrl-C) or SIGTERM: 128 + the signal number (130, 143), as shells report.
+EXIT_INTERRUPTED = 128
 # When set, the stage writes {"stage", "exit_code", "error"} as JSON to this path before it
 # exits: how the flow learns that the command ran and how it ended (DVC's Python API does not
 # pass the exit code on).
@@ -211,18 +215,23 @@ def run_stage(name: str, body: Callable[[], Any]) -> int:
 
     When ``$TLP_STAGE_RESULT`` names a file, the outcome is also written there as JSON
     (``{"stage", "exit_code", "error"}``), also for an unexpected exception, which is then
-    raised again for its traceback.
+    raised again for its traceback. SIGINT (Ctrl-C) and SIGTERM stop the body the same way
+    (``KeyboardInterrupt``: temporary files are removed on the way out, complete ones kept)
+    and end in one line, no traceback, and exit code 128 + the signal number.
 
     Args:
         name: the stage name, used as the prefix of the error line.
         body: the work; it may raise :class:`StageError`, :class:`ParamsError` or ``ValueError``.
 
     Returns:
-        The process exit code: :data:`EXIT_OK`, :data:`EXIT_FAILED`, or
-        :data:`EXIT_TRANSIENT` for a :class:`TransientError`.
+        The process exit code: :data:`EXIT_OK`, :data:`EXIT_FAILED`,
+        :data:`EXIT_TRANSIENT` for a :class:`TransientError`, or :data:`EXIT_INTERRUPTED`
+        plus the signal number.
     """
     setup_logging()
     code, error = EXIT_OK, ""
+    received: list[int] = []
+    previous = _on_sigterm(received)
     try:
         body()
     except (StageError, ParamsError, ValueError, OSError) as exc:
@@ -230,11 +239,34 @@ def run_stage(name: str, body: Callable[[], Any]) -> int:
         print(f"ERROR: {name}: {exc}", file=sys.stderr)
         code = EXIT_TRANSIENT if isinstance(exc, TransientError) else EXIT_FAILED
         error = str(exc)
+    except KeyboardInterrupt:
+        number = received[0] if received else signal.SIGINT
+        error = (
+            f"stopped by {signal.Signals(number).name}; the files it wrote are complete ones "
+            "only (the train stage's backup included): run it again to go on"
+        )
+        print(f"ERROR: {name}: {error}", file=sys.stderr)
+        code = EXIT_INTERRUPTED + number
     except BaseException as exc:
         _write_result(name, EXIT_FAILED, f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     _write_result(name, code, error)
     return code
+
+
+def _on_sigterm(received: list[int]) -> Any:
+    """Make SIGTERM raise ``KeyboardInterrupt``, as Ctrl-C does; return the old handler."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None  # only the main thread may set handlers (a stage runs in it)
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _write_result(stage: str, exit_code: int, error: str) -> None:

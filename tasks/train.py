@@ -7,7 +7,8 @@
   (:mod:`tasks.features`). The extraction runs on ONNX Runtime (``train.feature_engine``:
   the backbone is converted with tf2onnx and checked against Keras on a sample), 1.3-2x
   faster than Keras on CPU; Keras takes over if the conversion fails.
-* ``backbone.weights: none``: the backbone trains with the head (from scratch).
+* ``backbone.weights: none``: the backbone trains with the head (from scratch), its
+  BatchNorm momentum suited to the steps per epoch (:func:`tasks.network.suit_batchnorm`).
 * Optional phase 2 (``train.fine_tune``): unfreeze the top N backbone layers (BatchNorm
   stays frozen), recompile at a lower learning rate, continue.
 
@@ -18,6 +19,11 @@ epoch (the callbacks of :mod:`tasks.callbacks` write the backup; :mod:`tasks.bac
 reads it back and guards it).
 A backup made with other settings is refused, not mixed in; a run whose loss turns NaN/inf
 stops with an error and writes no model.
+
+Besides the model, the stage writes what a person compares runs by: the saved epoch and its
+validation figures (``--metrics``, a DVC metrics file), the trainable parameters per
+training image (warned about above 10, :func:`tasks.network.capacity_warning`), and the
+training curves of every epoch (``--live``, dvclive's plots).
 """
 
 from __future__ import annotations
@@ -32,13 +38,7 @@ from typing import Any
 
 import keras
 
-from tasks.backup import (
-    check_backup,
-    fingerprint,
-    latest_backup,
-    mark_diverged,
-    restore_backup,
-)
+from tasks.backup import budget, check_backup, fingerprint, mark_diverged, restore_backup
 from tasks.callbacks import (
     BestCheckpoint,
     DivergedError,
@@ -60,6 +60,16 @@ from tasks.common import (
 )
 from tasks.dataset import EpochClock, Prepared
 from tasks.features import cache_key, cached_features
+from tasks.network import (
+    apply,
+    augmentation,
+    capacity_warning,
+    compile_model,
+    count_trainable,
+    head_layers,
+    suit_batchnorm,
+    unfreeze_top,
+)
 from tasks.params import TrainParams, load_params
 
 
@@ -70,12 +80,16 @@ class TrainPaths:
     model: Path
     backup: Path
     features: Path | None = None
-    live: Path | None = None
 
 
 @dataclass
 class TrainResult:
-    """What :func:`train` produced."""
+    """What :func:`train` produced.
+
+    ``best_epoch`` counts from 1 over all phases (the fine-tuning epochs follow the head's),
+    ``history`` holds every epoch's logs, also those trained before a resume, and
+    ``trainable_params`` is the most any phase trained.
+    """
 
     model: Any
     history: dict[str, list[float]]
@@ -84,6 +98,13 @@ class TrainResult:
     used_feature_cache: bool
     phases: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    trainable_params: int = 0
+    batchnorm_momentum: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def at_best_epoch(self) -> dict[str, float]:
+        """The logs (loss, accuracy, val_loss, val_accuracy) of the epoch that was saved."""
+        return {key: values[self.best_epoch - 1] for key, values in self.history.items()}
 
 
 def train(
@@ -101,7 +122,7 @@ def train(
         backbone: the loaded backbone model (raw pixels → feature map).
         backbone_info: ``models/backbone.json`` (``pretrained`` decides freezing).
         prepared: the prepared dataset.
-        paths: checkpoint, backup, feature-cache and dvclive locations.
+        paths: checkpoint, backup and feature-cache locations.
         backbone_file: the backbone's file, hashed into the resume fingerprint.
 
     Returns:
@@ -115,7 +136,7 @@ def train(
     set_determinism(params.seed)
     pretrained = bool(backbone_info["pretrained"])
     _check_inputs(params, prepared, pretrained)
-    check_backup(paths.backup, fingerprint(params, backbone_file, prepared))
+    check_backup(paths.backup, fingerprint(params, backbone_file, prepared), budget(params))
     has_val = prepared.count("val") > 0
     use_cache = (
         pretrained and params.feature_cache and not params.augment and not params.fine_tune.enabled
@@ -124,22 +145,19 @@ def train(
     # The classifier: pixels -> [augmentation] -> backbone -> head. A pretrained backbone is
     # frozen and called with training=False, so its BatchNorm layers stay in inference mode.
     backbone.trainable = not pretrained
+    result = TrainResult(None, {}, 0, math.nan, use_cache, ["head"])
+    if not pretrained:
+        steps = math.ceil(prepared.count("train") / params.batch_size)
+        result.batchnorm_momentum = suit_batchnorm(backbone, steps)
     feature_rank = len(backbone.output_shape) - 1
-    head = _head_layers(params, len(prepared.classes), feature_rank)
+    head = head_layers(params, len(prepared.classes), feature_rank)
     inputs = keras.Input(backbone.input_shape[1:], name="pixels")
-    x = _augmentation(params.seed)(inputs) if params.augment else inputs
+    x = augmentation(params.seed)(inputs) if params.augment else inputs
     x = backbone(x, training=False if pretrained else None)
-    model = keras.Model(inputs, _apply(head, x), name="classifier")
+    model = keras.Model(inputs, apply(head, x), name="classifier")
 
     clock = EpochClock()
-    live = None
-    if paths.live is not None:
-        from dvclive import Live
-
-        resuming = latest_backup(paths.backup / "head")[0] > 0
-        live = Live(str(paths.live), save_dvc_exp=False, dvcyaml=None, resume=resuming)
-    fit = {"params": params, "paths": paths, "clock": clock, "live": live}
-    phases = ["head"]
+    fit = {"params": params, "paths": paths, "clock": clock}
     if use_cache:
         # The head alone trains on the backbone's pooled features, computed once; it shares
         # its layers with `model`, which therefore ends up with the trained head.
@@ -150,16 +168,19 @@ def train(
         )  # fmt: skip
         pooled_already = head[1:] if feature_rank == 3 else head
         feature_input = keras.Input(features["train"].shape[1:], name="features")
-        head_model = keras.Model(feature_input, _apply(pooled_already, feature_input), name="head")
-        _compile(head_model, params.learning_rate)
+        head_model = keras.Model(feature_input, apply(pooled_already, feature_input), name="head")
+        compile_model(head_model, params.learning_rate)
+        _check_capacity(result, head_model, prepared, params, pretrained, "head")
         history, checkpoint = _fit_phase(
             head_model, "head", params.epochs, params.learning_rate,
             train_data=(features["train"], prepared.labels("train")),
             val_data=(features["val"], prepared.labels("val")) if has_val else None, **fit,
         )  # fmt: skip
         _load_best(head_model, checkpoint)
+        offset = 0
     else:
-        _compile(model, params.learning_rate)
+        compile_model(model, params.learning_rate)
+        _check_capacity(result, model, prepared, params, pretrained, "head")
         train_ds = prepared.tf_dataset(
             "train", params.batch_size, shuffle=True, seed=params.seed, clock=clock
         )
@@ -169,24 +190,25 @@ def train(
             train_data=train_ds, val_data=val_ds, **fit,
         )  # fmt: skip
         _load_best(model, checkpoint)
+        offset = 0
         if params.fine_tune.enabled:
-            phases.append("fine_tune")
+            result.phases.append("fine_tune")
             tune = params.fine_tune
-            _unfreeze_top(backbone, backbone_info["base_layer"], tune.layers)
-            _compile(model, tune.learning_rate)
+            unfreeze_top(backbone, backbone_info["base_layer"], tune.layers)
+            compile_model(model, tune.learning_rate)
+            _check_capacity(result, model, prepared, params, pretrained, "fine_tune")
             more, tuned = _fit_phase(
                 model, "fine_tune", tune.epochs, tune.learning_rate, train_data=train_ds,
                 val_data=val_ds, initial_best=checkpoint.best, **fit,
             )  # fmt: skip
+            head_epochs = len(next(iter(history.values()), []))
             for key, values in more.items():
                 history.setdefault(key, []).extend(values)
             if tuned.path is not None and is_better(
                 tuned.best, checkpoint.best, monitor_mode(params.monitor)
             ):
                 _load_best(model, tuned)
-                checkpoint = tuned
-    if live is not None:
-        live.end()
+                checkpoint, offset = tuned, head_epochs
     for key, values in history.items():
         if any(not math.isfinite(v) for v in values):
             mark_diverged(paths.backup)
@@ -194,11 +216,24 @@ def train(
                 f"training diverged: {key} became NaN/inf; lower train.learning_rate (now "
                 f"{params.learning_rate}). No model was written"
             )
-    return TrainResult(
-        model=model, history=history, best_epoch=checkpoint.best_epoch + 1,
-        best_value=float(checkpoint.best), used_feature_cache=use_cache, phases=phases,
-        seconds=time.perf_counter() - started,
-    )  # fmt: skip
+    result.model, result.history = model, history
+    result.best_epoch = offset + checkpoint.best_epoch + 1
+    result.best_value = float(checkpoint.best)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _check_capacity(
+    result: TrainResult, model, prepared: Prepared, params: TrainParams, pretrained: bool,
+    phase: str,
+) -> None:  # fmt: skip
+    """Count a phase's trainable parameters; warn above the 10:1 rule, before training."""
+    trainable = count_trainable(model)
+    result.trainable_params = max(result.trainable_params, trainable)
+    warning = capacity_warning(trainable, prepared.count("train"), params, pretrained, phase)
+    if warning:
+        log.warning("%s", warning)
+        result.warnings.append(warning)
 
 
 def _check_inputs(params: TrainParams, prepared: Prepared, pretrained: bool) -> None:
@@ -215,78 +250,12 @@ def _check_inputs(params: TrainParams, prepared: Prepared, pretrained: bool) -> 
         )
 
 
-# ---------------------------------------------------------------- the model
-
-
-def _head_layers(params: TrainParams, n_classes: int, feature_rank: int) -> list:
-    """Pooling (for a feature map), dropout, an optional hidden layer, the softmax."""
-    layers = []
-    if feature_rank == 3:
-        pool = {
-            "avg": keras.layers.GlobalAveragePooling2D(name="pool"),
-            "max": keras.layers.GlobalMaxPooling2D(name="pool"),
-            "flatten": keras.layers.Flatten(name="pool"),
-        }[params.pooling]
-        layers.append(pool)
-    if params.dropout:
-        layers.append(keras.layers.Dropout(params.dropout, name="dropout"))
-    if params.dense_units:
-        layers.append(keras.layers.Dense(params.dense_units, activation="relu", name="hidden"))
-        if params.dropout:
-            layers.append(keras.layers.Dropout(params.dropout, name="dropout_hidden"))
-    layers.append(keras.layers.Dense(n_classes, activation="softmax", name="probabilities"))
-    return layers
-
-
-def _apply(layers: list, x):
-    for layer in layers:
-        x = layer(x)
-    return x
-
-
-def _augmentation(seed: int):
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.05, seed=seed),
-            keras.layers.RandomZoom(0.1, seed=seed),
-        ],
-        name="augment",
-    )
-
-
-def _compile(model, learning_rate: float) -> None:
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-
-
-def _unfreeze_top(backbone, base_name: str, n_layers: int) -> None:
-    """Make the top ``n_layers`` of the base model trainable, BatchNorm layers excepted."""
-    base = backbone.get_layer(base_name)
-    backbone.trainable = True
-    base.trainable = True
-    for layer in base.layers[:-n_layers]:
-        layer.trainable = False
-    for layer in base.layers[-n_layers:]:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False  # keep BatchNorm statistics frozen (keras-io guide)
-    trainable = sum(1 for layer in base.layers if layer.trainable and layer.weights)
-    log.info(
-        "fine-tune: %d of %d backbone layers trainable (BatchNorm kept frozen)",
-        trainable,
-        len(base.layers),
-    )
-
-
 # ---------------------------------------------------------------- one phase
 
 
 def _fit_phase(
     model, phase: str, epochs: int, learning_rate: float, *, train_data, val_data,
-    params: TrainParams, paths: TrainPaths, clock: EpochClock, live, initial_best=None,
+    params: TrainParams, paths: TrainPaths, clock: EpochClock, initial_best=None,
 ) -> tuple[dict[str, list[float]], BestCheckpoint]:  # fmt: skip
     """Fit one phase with checkpoints and a resumable backup; skip it if it already finished.
 
@@ -300,7 +269,6 @@ def _fit_phase(
         params: the ``train`` section.
         paths: the stage's paths.
         clock: the epoch clock the training dataset shuffles by.
-        live: the dvclive ``Live``, or ``None``.
         initial_best: the best value so far (phase 1's), which this phase must beat.
 
     Returns:
@@ -332,10 +300,6 @@ def _fit_phase(
                 earlier, monitor=params.monitor, patience=params.early_stopping_patience, mode=mode
             )
         )
-    if live is not None:
-        from dvclive.keras import DVCLiveCallback
-
-        callbacks.append(DVCLiveCallback(live=live))
     x, y = train_data if isinstance(train_data, tuple) else (train_data, None)
     try:
         model.fit(
@@ -346,7 +310,7 @@ def _fit_phase(
     except DivergedError:
         mark_diverged(paths.backup)
         raise
-    write_json(done_file, {"history": history})
+    write_json(done_file, {"history": history, "budget": budget(params)})
     shutil.rmtree(folder, ignore_errors=True)
     return history, checkpoint
 
@@ -370,7 +334,7 @@ def _load_best(model, checkpoint: BestCheckpoint) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tasks.train --data ... --backbone ... --model ... --backup ...``."""
+    """``python -m tasks.train --data ... --backbone ... --model ... --metrics ... --backup ...``."""
     parser = argparse.ArgumentParser(description="Train the classification head.")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", required=True, type=Path)
@@ -378,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone-info", required=True, type=Path)
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--info", required=True, type=Path)
+    parser.add_argument("--metrics", required=True, type=Path, help="the best epoch's figures")
     parser.add_argument("--backup", required=True, type=Path)
     parser.add_argument("--features", type=Path)
-    parser.add_argument("--live", type=Path)
+    parser.add_argument("--live", type=Path, help="dvclive folder: the training curves")
     args = parser.parse_args(argv)
 
     def body() -> None:
@@ -390,13 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         prepared = Prepared.open(args.data)
         backbone_info = read_json(args.backbone_info)
         backbone = load_model_safely(args.backbone, compile=False)
-        paths = TrainPaths(
-            model=args.model, backup=args.backup, features=args.features, live=args.live
-        )
+        paths = TrainPaths(model=args.model, backup=args.backup, features=args.features)
         if args.features is not None:
             args.features.mkdir(parents=True, exist_ok=True)
         result = train(params.train, backbone, backbone_info, prepared, paths, args.backbone)
         save_model(result.model, args.model)
+        summary = summarize(result, params.train.monitor, prepared.count("train"))
         write_json(
             args.info,
             {
@@ -406,24 +370,63 @@ def main(argv: list[str] | None = None) -> int:
                 "preprocessing": backbone_info["preprocessing"],
                 "backbone": backbone_info,
                 "train": params.train.model_dump(),
-                "best_epoch": result.best_epoch,
                 "best": {params.train.monitor: result.best_value},
-                "epochs_run": len(next(iter(result.history.values()), [])),
+                **summary,
                 "phases": result.phases,
                 "feature_cache": result.used_feature_cache,
+                "batchnorm_momentum": result.batchnorm_momentum,
                 "seconds": round(result.seconds, 2),
             },
         )
+        at_best = {f"best_epoch_{key}": value for key, value in summary["at_best_epoch"].items()}
+        figures = {"best_epoch": result.best_epoch, **at_best, "epochs_run": summary["epochs_run"],
+                   "params_per_image": summary["params_per_image"]}  # fmt: skip
+        # Nested under "train": DVC's tables then name them train.best_epoch_val_accuracy...,
+        # which neither reads as a test metric nor sorts before them (`dvc metrics show`).
+        write_json(args.metrics, {"train": figures, "warnings": result.warnings}, sort_keys=False)
+        if args.live is not None:
+            write_curves(args.live, result.history)
         shutil.rmtree(args.backup, ignore_errors=True)  # finished: nothing to resume
         log.info(
-            "train: best %s=%.4f at epoch %d (%.1fs)",
-            params.train.monitor,
-            result.best_value,
-            result.best_epoch,
-            result.seconds,
-        )
+            "train: best %s=%.4f at epoch %d of %d (%.1fs)", params.train.monitor,
+            result.best_value, result.best_epoch, summary["epochs_run"], result.seconds,
+        )  # fmt: skip
 
     return run_stage("train", body)
+
+
+def summarize(result: TrainResult, monitor: str, train_images: int) -> dict[str, Any]:
+    """The saved (best) epoch and its validation figures, and the 10:1 rule's numbers."""
+    logs = result.at_best_epoch()
+    keys = dict.fromkeys((monitor, "val_loss", "val_accuracy"))  # ordered, no repeats
+    return {
+        "best_epoch": result.best_epoch,
+        "at_best_epoch": {key: logs[key] for key in keys if key in logs},
+        "epochs_run": len(next(iter(result.history.values()), [])),
+        "trainable_params": result.trainable_params,
+        "train_images": train_images,
+        "params_per_image": round(result.trainable_params / max(train_images, 1), 2),
+        "warnings": result.warnings,
+    }
+
+
+def write_curves(folder: Path, history: dict[str, list[float]]) -> None:
+    """dvclive's training curves (``train/loss``, ``eval/accuracy``...), one point per epoch.
+
+    Written from the logs of every epoch once training is over, those trained before a
+    resume included, so the curves are whole however often the run was interrupted.
+    """
+    from dvclive import Live
+    from dvclive.utils import standardize_metric_name
+
+    live = Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
+    for epoch in range(len(next(iter(history.values()), []))):
+        for key, values in history.items():
+            live.log_metric(standardize_metric_name(key, "dvclive.keras"), values[epoch])
+        live.next_step()
+    live.end()
+    # dvclive's summary holds the last epoch, not the saved one: --metrics says what was saved.
+    (folder / "metrics.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,61 @@ def pause_train_after_first_batch(
     if release is not None:
         env["TLP_TEST_RELEASE"] = str(release)
     return env, marker
+
+
+# Imported as ``sitecustomize`` in the train stage's process only: at the first batch of
+# epoch $TLP_TEST_SIGNAL_EPOCH the process sends itself $TLP_TEST_SIGNAL (what a Ctrl-C or
+# a `kill` would deliver there).
+_SIGNAL_TRAIN_AT_EPOCH = r"""
+import os, signal, sys
+
+if "tasks.train" in sys.orig_argv:
+    import keras
+
+    # As in a terminal's foreground job: a shell starts background jobs (a test run with
+    # `&`) with SIGINT ignored, and Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    callbacks = keras.callbacks.CallbackList
+    original_epoch_begin, original_batch_end = callbacks.on_epoch_begin, callbacks.on_train_batch_end
+    current = [0]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        current[0] = epoch + 1
+        return original_epoch_begin(self, epoch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        original_batch_end(self, batch, logs)
+        if batch == 0 and current[0] == int(os.environ["TLP_TEST_SIGNAL_EPOCH"]):
+            print(f"FAULT INJECTION: {os.environ['TLP_TEST_SIGNAL']} in epoch {current[0]}", flush=True)
+            os.kill(os.getpid(), getattr(signal, os.environ["TLP_TEST_SIGNAL"]))
+
+    callbacks.on_epoch_begin, callbacks.on_train_batch_end = on_epoch_begin, on_train_batch_end
+"""
+
+
+def signal_train_in_epoch(
+    folder: Path, project: Path, epoch: int, signal_name: str
+) -> dict[str, str]:
+    """An environment in which the train stage sends itself a signal inside ``epoch``.
+
+    As :func:`pause_train_after_first_batch`, through a ``sitecustomize.py`` on
+    ``PYTHONPATH``: at the first batch of epoch ``epoch`` (counted from 1, as Keras prints
+    them), the train stage's process signals itself, so epochs ``1 .. epoch - 1`` are
+    complete and backed up, whatever the machine's speed.
+
+    Args:
+        folder: a new folder for the hook.
+        project: the project the command runs in (its code must stay importable).
+        epoch: the epoch to stop in.
+        signal_name: ``SIGINT``, ``SIGTERM`` or ``SIGKILL``.
+
+    Returns:
+        The environment variables to add.
+    """
+    folder.mkdir(parents=True)
+    (folder / "sitecustomize.py").write_text(_SIGNAL_TRAIN_AT_EPOCH)
+    return {
+        "PYTHONPATH": f"{folder}{os.pathsep}{project}",
+        "TLP_TEST_SIGNAL_EPOCH": str(epoch),
+        "TLP_TEST_SIGNAL": signal_name,
+    }

@@ -85,7 +85,7 @@ def log_in(page, url: str, secret: str) -> None:
     page.wait_for_url(lambda address: "/login" not in address)
 
 
-def test_flow_run_page_shows_the_six_stage_task_runs_and_the_metrics_artifact(pipeline, page):
+def test_flow_run_page_shows_the_six_stage_task_runs_and_the_metrics_artifacts(pipeline, page):
     server, run_id = pipeline.server, pipeline.first_run_id
     flow_run = server.flow_run(run_id)
 
@@ -103,7 +103,8 @@ def test_flow_run_page_shows_the_six_stage_task_runs_and_the_metrics_artifact(pi
         assert f"\n{stage}\nCompleted\n" in task_runs_text  # the task run row: name, state
 
     page.get_by_text("Artifacts", exact=True).click()
-    for key in ("eval-metrics", "pipeline-stages", "confusion-matrix", "export-parity"):
+    keys = ("eval-metrics", "pipeline-stages", "confusion-matrix", "export-parity", "quality")
+    for key in (*keys, "pictures"):
         page.get_by_text(key, exact=True).wait_for()
     screenshot(page, "dashboard-flow-run-artifacts.png")
 
@@ -120,5 +121,20 @@ def test_flow_run_page_shows_the_six_stage_task_runs_and_the_metrics_artifact(pi
     page.get_by_text(str(metrics["accuracy"]), exact=True).wait_for()
     rows = [row.split() for row in page.locator("tbody tr").all_inner_texts()]
     screenshot(page, "dashboard-eval-metrics.png")
-    for metric in ("accuracy", "macro_f1", "balanced_accuracy", "test_images"):
+    for metric in ("accuracy", "macro_f1", "quality.lift", "macro_recall", "test_images"):
         assert [metric, str(metrics[metric])] in rows  # a table row: name, value
+
+    # The pictures artifact carries its images (data: URLs): the browser decodes all three.
+    page.goto(f"{server.url}/artifacts/artifact/{server.artifacts(run_id)['pictures']['id']}")
+    images = page.locator("img[src^='data:image/jpeg']")
+    images.nth(2).wait_for()
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll(\"img[src^='data:image/jpeg']\"))"
+        ".every(img => img.complete && img.naturalWidth > 0)"
+    )
+    widths = images.evaluate_all("images => images.map(img => [img.alt, img.naturalWidth])")
+    assert [alt for alt, _ in widths] == [
+        "plots/explain.png", "plots/errors.png", "plots/confusion_matrix.png",
+    ]  # fmt: skip
+    assert all(300 < width <= 1200 for _, width in widths), widths
+    screenshot(page, "dashboard-pictures.png")

@@ -7,9 +7,12 @@ end check the pieces the flow's reports are made of.
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import io
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -77,9 +80,8 @@ def test_first_run_has_six_completed_stage_tasks_artifacts_and_an_experiment(pip
     assert server.flow_run(run_id)["parameters"] == {"overrides": None, "save_experiment": True}
 
     artifacts = server.artifacts(run_id)
-    assert {"pipeline-stages", "eval-metrics", "confusion-matrix", "export-parity"} <= set(
-        artifacts
-    )
+    shown = {"pipeline-stages", "eval-metrics", "confusion-matrix", "export-parity", "quality"}
+    assert shown | {"pictures"} <= set(artifacts) and "weak-model" not in artifacts
 
     stage_rows = json.loads(artifacts["pipeline-stages"]["data"])
     assert [row["stage"] for row in stage_rows] == STAGES
@@ -91,6 +93,18 @@ def test_first_run_has_six_completed_stage_tasks_artifacts_and_an_experiment(pip
     assert table["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert table["test_images"] == metrics["test_images"] == 268
     assert metrics["accuracy"] > 0.5
+
+    assert table["quality.lift"] == pytest.approx(metrics["quality"]["lift"], abs=1e-6)
+    training = json.loads((project / "metrics/train.json").read_text())
+    quality = artifacts["quality"]["data"]
+    assert f"| test accuracy | {metrics['accuracy']:.4g} |" in quality
+    assert f"| baseline accuracy | {metrics['quality']['baseline_accuracy']:.4g} |" in quality
+    per_image = training["train"]["params_per_image"]  # 26.5 for the shrunk CNN: warned
+    assert f"| trainable parameters per training image | {per_image:.4g} |" in quality
+    assert per_image > 10 and "above the 10:1 rule of thumb" in quality.split("**Warnings**")[1]
+    # The pictures are inside the Markdown (data: URLs), in dvc.yaml's order.
+    pictures = re.findall(r"!\[([^\]]+)\]\(data:image/jpeg;base64,", artifacts["pictures"]["data"])
+    assert pictures == ["plots/explain.png", "plots/errors.png", "plots/confusion_matrix.png"]
 
     matrix = artifacts["confusion-matrix"]["data"]
     assert f"of {metrics['test_images']} test images on the diagonal" in matrix
@@ -210,6 +224,30 @@ def test_failing_stage_fails_its_task_and_the_flow_and_leaves_outputs_whole(pipe
     assert (project / "data/raw/source.json").read_text() == source_json
     assert not [p.name for p in (project / "data").iterdir() if p.name.startswith(".raw")]
     assert (project / "params.yaml").read_text() == params_before
+    assert_reproducible(project)
+
+
+@pytest.mark.slow
+def test_a_weak_model_let_through_by_allow_weak_gets_a_warning_artifact(pipeline):
+    server, project = pipeline.server, pipeline.project
+    weak = ["-S", "evaluate.allow_weak=true", "-S", "evaluate.min_accuracy=1.0"]
+    result = tlp(project, "run", "--no-save-experiment", *weak, api=server.api)
+    run_id = flow_run_id(result.stdout)
+
+    assert server.flow_run(run_id)["state"]["type"] == "COMPLETED"
+    assert outcomes(pipeline, run_id)["evaluate"] == "Completed"
+    artifacts = server.artifacts(run_id)
+    accuracy = json.loads((project / "metrics/eval.json").read_text())["accuracy"]
+    problem = f"test accuracy {accuracy:.3f} is under evaluate.min_accuracy 1.0"
+    assert "`evaluate.allow_weak: true` let it through" in artifacts["weak-model"]["data"]
+    assert problem in artifacts["weak-model"]["data"] and problem in artifacts["quality"]["data"]
+    assert any("weak model kept" in message for message in server.logs(run_id))
+
+    strict = ["-S", "evaluate.allow_weak=false", "-S", "evaluate.min_accuracy=null"]
+    result = tlp(project, "run", "--no-save-experiment", *strict, api=server.api)
+    run_id = flow_run_id(result.stdout)
+    assert outcomes(pipeline, run_id)["evaluate"] == "Cached"  # DVC's run cache: no rerun
+    assert "weak-model" not in server.artifacts(run_id)
     assert_reproducible(project)
 
 
@@ -412,6 +450,40 @@ def test_parity_table_checks_the_export_gates():
         {"metric": "accuracy", "value": 0.5},
         {"metric": "top_k", "value": 3},
     ]
+
+
+def test_quality_markdown_has_the_guards_figures_the_saved_epoch_and_every_warning():
+    evaluation = {
+        "accuracy": 0.5, "macro_f1": 0.3333, "quality": {"baseline_accuracy": 0.5, "lift": 1.0,
+        "prediction_majority_share": 1.0}, "test_images": 10, "warnings": ["collapsed"],
+    }  # fmt: skip
+    training = {
+        "train": {"best_epoch": 2, "best_epoch_val_loss": 0.69, "best_epoch_val_accuracy": 0.5,
+                  "epochs_run": 5, "params_per_image": 12100.2},
+        "warnings": ["12,100 per image"],
+    }  # fmt: skip
+    markdown = reports.quality_markdown(evaluation, training)
+    assert "| test accuracy | 0.5 | 10 test images |" in markdown
+    assert "| lift | 1 | accuracy / baseline; 1.0 is no better than guessing |" in markdown
+    assert "| trainable parameters per training image | 1.21e+04 |" in markdown
+    assert (
+        "| saved (best) epoch | 2 | of 5 run; at it: val_loss 0.69, val_accuracy 0.5 |" in markdown
+    )
+    assert markdown.endswith("**Warnings**\n\n- collapsed\n- 12,100 per image\n")
+    assert reports.quality_markdown({"accuracy": 0.9}, None).endswith("No warnings.\n\n")
+
+
+def test_pictures_are_embedded_as_reduced_jpeg_copies(tmp_path):
+    from PIL import Image
+
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (2400, 600), (200, 30, 30)).save(wide)
+    markdown = reports.pictures_markdown([("plots/wide.png", wide)])
+    assert markdown.startswith("**plots/wide.png**\n\n![plots/wide.png](data:image/jpeg;base64,")
+    data = re.search(r"base64,([^)]+)\)", markdown).group(1)
+    with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+        assert image.format == "JPEG" and image.size == (reports.PICTURE_WIDTH, 300)
+        assert image.getpixel((10, 10)) == pytest.approx((200, 30, 30), abs=3)
 
 
 @pytest.mark.slow

@@ -53,7 +53,8 @@ def test_default_pipeline_accuracy_caching_and_partial_rerun(tmp_path):
     assert metrics["accuracy"] >= 0.95, metrics
     # The quality guards' figures, and the pictures a person looks at (issue: results you
     # can trust): explanations and errors are real pictures, not blanks.
-    assert metrics["baseline_accuracy"] < 0.2 and metrics["prediction_majority_share"] < 0.2
+    quality = metrics["quality"]
+    assert quality["baseline_accuracy"] < 0.2 and quality["prediction_majority_share"] < 0.2
     assert set(reports.per_class_scores(project / "plots/per_class.csv")) == {
         str(d) for d in range(10)
     }

@@ -221,7 +221,7 @@ def test_training_killed_three_times_resumes_and_ends_like_an_uninterrupted_run(
     # beside the interrupted ones; it shares no output with them).
     reference = with_flags(
         flags, model="ref/model.keras", info="ref/model.json", backup="ref/backup",
-        live="ref/live",
+        live="ref/live", metrics="ref/train.json",
     )  # fmt: skip
     reference_log = (tmp_path / "reference.log").open("w")
     reference_run = subprocess.Popen(
@@ -288,7 +288,7 @@ def test_training_killed_three_times_resumes_and_ends_like_an_uninterrupted_run(
 @pytest.mark.slow
 def test_nan_loss_fails_with_its_cause_and_the_previous_model_survives(built_project, tmp_path):
     project = copy_project(built_project, tmp_path / "project")
-    # The usual DVC workflow: dvc.lock and the uncached outputs (dvclive metrics and plots)
+    # The usual DVC workflow: dvc.lock and the uncached outputs (metrics and dvclive plots)
     # are committed to git; the cached ones are in .dvc/cache.
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "a good model"], project)
@@ -315,7 +315,7 @@ def test_nan_loss_fails_with_its_cause_and_the_previous_model_survives(built_pro
     # The previous good model is still in the DVC cache, restored byte for byte; the
     # uncached training metrics and plots come back from git.
     run(["dvc", "checkout", "train"], project)
-    run(["git", "checkout", "--", "params.yaml", "dvclive"], project)
+    run(["git", "checkout", "--", "params.yaml", "dvclive", "metrics/train.json"], project)
     assert (project / "models/model.keras").read_bytes() == good_model
     assert hashlib.md5(good_model).hexdigest() == recorded["models/model.keras"]
     assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
@@ -353,7 +353,7 @@ def test_two_seeded_pipeline_runs_give_identical_metrics_and_weights(built_proje
     )
     for model in ("models/backbone.keras", "models/model.keras"):
         assert weights_digest(second / model) == weights_digest(built_project / model), model
-    for metrics in ("metrics/eval.json", "dvclive/train/metrics.json"):
+    for metrics in ("metrics/eval.json", "metrics/train.json"):
         assert json.loads((second / metrics).read_text()) == json.loads(
             (built_project / metrics).read_text()
         ), metrics

@@ -27,7 +27,7 @@ from tasks.params import with_changes
 from tasks.prepare import prepare
 from tasks.safety import load_model_safely
 from tasks.train import TrainPaths, train
-from tests.conftest import PARAMS
+from tests.conftest import PARAMS, ROOT, run, write_params
 
 SIZE = (16, 16)
 
@@ -289,6 +289,49 @@ def test_a_backup_of_other_settings_is_refused_and_left_alone(tmp_path):
     assert (backup / "fingerprint.txt").read_text() == "run-two\n"
 
 
+def test_a_backup_with_nothing_to_resume_is_discarded_whatever_its_settings(tmp_path, caplog):
+    """Killed before its first epoch ended: only the stamp, maybe a half-written file."""
+    caplog.set_level(logging.INFO, logger="tlp")
+    backup = tmp_path / "backup"
+    check_backup(backup, "run-one")
+    (backup / "head").mkdir()
+    (backup / "head" / ".epoch-0001.tmp.weights.h5").write_bytes(b"half")
+    check_backup(backup, "run-two")  # other settings, and nothing to mix: no error
+    assert sorted(p.name for p in backup.iterdir()) == ["fingerprint.txt"]
+    assert (backup / "fingerprint.txt").read_text() == "run-two\n"
+    assert "left nothing to resume" in caplog.text
+
+
+def test_a_backup_past_this_runs_epoch_budget_is_discarded_and_a_longer_run_resumes(tmp_path):
+    def backup_with(epochs_done: int, done_budget: dict | None = None):
+        backup = tmp_path / f"backup-{epochs_done}-{bool(done_budget)}"
+        check_backup(backup, "run")
+        (backup / "best-head.json").write_text('{"best": 0.5, "epoch": 0, "file": "x"}')
+        if done_budget is None:
+            (backup / "head").mkdir()
+            (backup / "head" / f"epoch-{epochs_done:04d}.weights.h5").write_bytes(b"w")
+        else:
+            history = {"loss": [1.0] * epochs_done}
+            (backup / "head.done.json").write_text(
+                json.dumps({"history": history, "budget": done_budget})
+            )
+        return backup
+
+    budget = {"epochs": 4, "early_stopping_patience": 2}
+    for backup in (
+        backup_with(5),  # more epochs done than this run's train.epochs
+        backup_with(4, {"epochs": 6, "early_stopping_patience": 2}),  # a finished longer run
+        backup_with(4, {"epochs": 4, "early_stopping_patience": 9}),  # other patience
+        backup_with(3, {"epochs": 3, "early_stopping_patience": 2}),  # finished, shorter run
+    ):
+        check_backup(backup, "run", budget)
+        assert sorted(p.name for p in backup.iterdir()) == ["fingerprint.txt"], backup.name
+    for kept in (backup_with(4), backup_with(2), backup_with(4, budget)):
+        before = sorted(p.name for p in kept.rglob("*"))
+        check_backup(kept, "run", budget)  # resumable: kept as it was
+        assert sorted(p.name for p in kept.rglob("*")) == before
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -456,3 +499,84 @@ def test_nan_loss_stops_training_and_marks_the_backup(prepared, backbone_file, t
     result = train(sane, backbone2, info, prepared, paths, backbone_file[0])
     assert np.isfinite(result.best_value)
     assert not (paths.backup / DIVERGED_MARK).exists()
+
+
+# ---------------------------------------------------------------- what the stage reports
+
+
+def run_stage(tmp_path, prepared, backbone_file, pretrained: bool, train: dict):
+    """``python -m tasks.train`` on the fixtures; returns (process, out folder)."""
+    path, info = backbone_file
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "backbone.json").write_text(json.dumps({**info, "pretrained": pretrained}))
+    params = write_params(tmp_path / "params.yaml", {"train": train})
+    flags = {
+        "params": params, "data": prepared.root, "backbone": path,
+        "backbone-info": out / "backbone.json", "model": out / "model.keras",
+        "info": out / "model.json", "metrics": out / "train.json", "live": out / "live",
+        "backup": tmp_path / "backup", "features": tmp_path / "features",
+    }  # fmt: skip
+    command = ["python", "-m", "tasks.train"]
+    command += [part for name, value in flags.items() for part in (f"--{name}", str(value))]
+    return run(command, ROOT), out
+
+
+def curve(out, name: str) -> list[float]:
+    """One dvclive curve (``train/loss``, ``eval/accuracy``...): its values, epoch by epoch."""
+    lines = (out / "live/plots/metrics" / f"{name}.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["step", name.split("/")[1]]
+    return [float(line.split("\t")[1]) for line in lines[1:]]
+
+
+def test_the_stage_reports_the_saved_epoch_and_warns_above_ten_parameters_per_image(
+    prepared, backbone_file, tmp_path
+):
+    train = {"epochs": 3, "batch_size": 16, "learning_rate": 0.01, "early_stopping_patience": 0}
+    result, out = run_stage(tmp_path, prepared, backbone_file, pretrained=False, train=train)
+
+    info = json.loads((out / "model.json").read_text())
+    model = load_model_safely(out / "model.keras")
+    images = prepared.count("train")
+    assert info["trainable_params"] == model.count_params() > 10 * images  # all of it trains
+    assert info["train_images"] == images
+    assert info["params_per_image"] == round(model.count_params() / images, 2)
+    (warning,) = info["warnings"]
+    assert (
+        f"{model.count_params():,} trainable parameters for {images:,} training images" in warning
+    )
+    for fix in ("freeze more", "a smaller head", "more training images", "train.augment: true"):
+        assert fix in warning
+    assert f"WARNING [tlp] {warning}" in result.stderr  # in the log, so in the Prefect run
+
+    # The saved (best) epoch and its validation figures, named so they read as training's.
+    val_loss, val_accuracy = curve(out, "eval/loss"), curve(out, "eval/accuracy")
+    best = int(np.argmin(val_loss))
+    metrics = json.loads((out / "train.json").read_text())
+    assert metrics == {
+        "train": {
+            "best_epoch": best + 1,
+            "best_epoch_val_loss": pytest.approx(val_loss[best]),
+            "best_epoch_val_accuracy": pytest.approx(val_accuracy[best]),
+            "epochs_run": 3,
+            "params_per_image": info["params_per_image"],
+        },
+        "warnings": [warning],
+    }
+    assert info["best_epoch"] == best + 1 and len(curve(out, "train/loss")) == 3
+    assert not (out / "live/metrics.json").exists()  # dvclive's last-epoch summary
+    assert info["batchnorm_momentum"] is None  # simple_cnn has no BatchNorm
+
+
+def test_a_small_head_on_a_frozen_backbone_is_within_the_rule(prepared, backbone_file, tmp_path):
+    train = {"epochs": 1, "pooling": "avg", "dense_units": 0, "monitor": "val_accuracy"}
+    result, out = run_stage(tmp_path, prepared, backbone_file, pretrained=True, train=train)
+    info = json.loads((out / "model.json").read_text())
+    head = 8 * 2 + 2  # 8 pooled features -> 2 classes, weights and biases
+    assert info["trainable_params"] == head and info["params_per_image"] < 1
+    assert info["warnings"] == [] and "WARNING [tlp]" not in result.stderr
+    metrics = json.loads((out / "train.json").read_text())
+    assert list(metrics["train"]) == [
+        "best_epoch", "best_epoch_val_accuracy", "best_epoch_val_loss", "epochs_run",
+        "params_per_image",
+    ]  # fmt: skip
