@@ -16,12 +16,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from tasks.checks import check_params
 from tasks.common import atomic_path
 from tasks.params import ParamsError, apply_overrides, parse_params, parse_yaml, read_yaml
 
 MAX_VALUE_CHARS = 4096  # one -S value; a params value is never near this
 PARAMS_FILE = "params.yaml"
 PRESETS_DIR = "presets"
+WEIGHTS_DEP = "${backbone.weights}"  # dvc.yaml: the backbone stage's weights file dependency
 
 
 class NotAProjectError(RuntimeError):
@@ -85,6 +87,35 @@ def validate_overrides(root: Path, overrides: Mapping[str, Any] | None) -> dict[
     raw = read_yaml(root / PARAMS_FILE)
     parsed = parse_params(apply_overrides(raw, dict(overrides))).model_dump(mode="json")
     return {key: lookup(parsed, key) for key in overrides}
+
+
+def preflight(root: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Check ``params.yaml`` with the overrides, and the files they name, before a run.
+
+    Everything that can be checked without the data (keys, types, the backbone against the
+    image size, URL syntax: :func:`tasks.checks.check_params`), plus that a weights file or
+    a local ``fetch.source`` exists. ``tlp run`` calls it before it starts Prefect, and the
+    flow before its first stage. Nothing is written.
+
+    Returns:
+        The overrides with normalised values, as :func:`validate_overrides` returns them.
+
+    Raises:
+        ParamsError: naming every problem and its fix.
+    """
+    params = parse_params(apply_overrides(read_yaml(root / PARAMS_FILE), dict(overrides or {})))
+    check_params(params, weights_folder(root), root)
+    parsed = params.model_dump(mode="json")
+    return {key: lookup(parsed, key) for key in overrides or {}}
+
+
+def weights_folder(root: Path) -> Path | None:
+    """The folder ``dvc.yaml`` takes ``backbone.weights`` files from (``data/weights``)."""
+    for stage in read_yaml(root / "dvc.yaml").get("stages", {}).values():
+        for dep in stage.get("deps", []) if isinstance(stage, dict) else []:
+            if isinstance(dep, str) and dep.endswith(WEIGHTS_DEP):
+                return root / dep.removesuffix(WEIGHTS_DEP)
+    return None
 
 
 @contextlib.contextmanager

@@ -209,8 +209,9 @@ class TransientError(StageError):
 def run_stage(name: str, body: Callable[[], Any]) -> int:
     """Run a stage's ``main`` body, turning expected errors into one clear line and exit 1.
 
-    When ``$TLP_STAGE_RESULT`` names a file, the outcome is also written there as JSON
-    (``{"stage", "exit_code", "error"}``), also for an unexpected exception, which is then
+    The error is printed once, as ``ERROR: <stage>: <message>``. When ``$TLP_STAGE_RESULT``
+    names a file, the outcome is written there as JSON instead (``{"stage", "exit_code",
+    "error"}``), for the runner to report; also for an unexpected exception, which is then
     raised again for its traceback.
 
     Args:
@@ -226,10 +227,10 @@ def run_stage(name: str, body: Callable[[], Any]) -> int:
     try:
         body()
     except (StageError, ParamsError, ValueError, OSError) as exc:
-        log.error("%s failed: %s", name, exc)
-        print(f"ERROR: {name}: {exc}", file=sys.stderr)
         code = EXIT_TRANSIENT if isinstance(exc, TransientError) else EXIT_FAILED
         error = str(exc)
+        if not os.environ.get(RESULT_ENV):  # else whoever asked for the result reports it
+            print(f"ERROR: {name}: {exc}", file=sys.stderr)
     except BaseException as exc:
         _write_result(name, EXIT_FAILED, f"{type(exc).__name__}: {exc}")
         raise

@@ -59,7 +59,7 @@ from tasks.common import (
     write_json,
 )
 from tasks.dataset import EpochClock, Prepared
-from tasks.features import cache_key, cached_features
+from tasks.features import cache_key, cached_features, open_cache
 from tasks.params import TrainParams, load_params
 
 
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, backup=args.backup, features=args.features, live=args.live
         )
         if args.features is not None:
-            args.features.mkdir(parents=True, exist_ok=True)
+            open_cache(args.features)
         result = train(params.train, backbone, backbone_info, prepared, paths, args.backbone)
         save_model(result.model, args.model)
         write_json(
