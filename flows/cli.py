@@ -43,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flows.locking import WorkspaceBusyError
     from flows.stages import DvcBusyError
+    from flows.tempserver import ServerStartError
     from flows.workspace import NotAProjectError
     from tasks.params import ParamsError
 
+    expected = (NotAProjectError, ParamsError, WorkspaceBusyError, DvcBusyError, ServerStartError)
     try:
         return args.handler(args)
-    except (NotAProjectError, ParamsError, WorkspaceBusyError, DvcBusyError) as exc:
+    except expected as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
 
@@ -60,9 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run the pipeline once as a Prefect flow")
-    _add_set_option(run, "override a param for this run, e.g. -S train.epochs=5 (repeatable)")
+    _add_set_option(run, "set a param in params.yaml for this run, e.g. -S train.epochs=5 "
+                    "(repeatable); it stays there, like dvc exp run --set-param, unless the "
+                    "run fails")  # fmt: skip
     run.add_argument("--no-save-experiment", dest="save_experiment", action="store_false",
                      help="do not record the run as a DVC experiment (dvc exp save)")  # fmt: skip
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show every log line: Prefect's, DVC's and TensorFlow's")  # fmt: skip
     run.set_defaults(handler=_run)
     status = commands.add_parser("status", help="show the stages and what would re-run")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -92,15 +98,35 @@ def _add_set_option(parser: argparse.ArgumentParser, text: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flows.workspace import parse_set_options, project_root
+    from flows.logs import VERBOSE_ENV
+    from flows.workspace import parse_set_options, preflight, project_root
 
     root = project_root()
-    overrides = parse_set_options(args.overrides)
+    # All that can be checked without the data, before Prefect starts: a typo fails at once.
+    changes = preflight(root, parse_set_options(args.overrides))
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the DVC worker and the stages see it too
     api = prefect_environment(root)
-    print(f"tlp: Prefect API {api or 'embedded (temporary; start `tlp server` to keep one)'}")
-    from flows.pipeline import pipeline
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop_run)
+    try:
+        if api:
+            print(f"tlp: Prefect API {api}")
+        else:
+            from flows.tempserver import start_temporary_server
 
-    state = pipeline(overrides or None, args.save_experiment, return_state=True)
+            print("tlp: starting a temporary Prefect server (`tlp server` keeps one running)")
+            os.environ["PREFECT_API_URL"] = start_temporary_server(root)
+        from flows.logs import quiet_console
+        from flows.pipeline import pipeline
+
+        quiet_console()
+        state = pipeline(changes or None, args.save_experiment, return_state=True)
+    except KeyboardInterrupt:
+        name = signal.Signals(_STOPPED_BY[0]).name if _STOPPED_BY else "SIGINT"
+        print(f"tlp: stopped by {name}; params.yaml, dvc.lock and the outputs are as they "
+              "were before the run", file=sys.stderr)  # fmt: skip
+        return 128 + (_STOPPED_BY[0] if _STOPPED_BY else signal.SIGINT)
     run_id = state.state_details.flow_run_id
     if state.is_completed():
         grouped: dict[str, list[str]] = {}
@@ -189,11 +215,24 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+_STOPPED_BY: list[int] = []  # the signal that stopped `tlp run`
+
+
+def _stop_run(signum: int, frame: Any) -> None:
+    """Ctrl-C or SIGTERM: stop the run once (it then puts the workspace back and reports its
+    state); signals after the first wait for that, which takes seconds."""
+    if _STOPPED_BY:
+        print("tlp: stopping; putting the workspace back first", file=sys.stderr)
+        return
+    _STOPPED_BY.append(signum)
+    raise KeyboardInterrupt
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from flows.workspace import parse_set_options, project_root, validate_overrides
+    from flows.workspace import parse_set_options, preflight, project_root
 
     root = project_root()
-    overrides = validate_overrides(root, parse_set_options(args.overrides))
+    overrides = preflight(root, parse_set_options(args.overrides))
     api = prefect_environment(root)
     if not api:
         print("ERROR: tlp serve registers a deployment with a Prefect server and waits for its "
