@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("predict", help="classify images with the model (tlp predict --help)")
     commands.add_parser("explain", help="Grad-CAM overlays: where the model looked (--help)")
     preset = commands.add_parser("preset", help="list the presets, or write one into params.yaml")
-    preset.add_argument("name", nargs="?", help="a preset in presets/, or a YAML file")
+    preset.add_argument("name", nargs="?", help="a preset in presets/ (default: the shipped "
+                        "params.yaml), or a YAML file; none: list them")  # fmt: skip
+    preset.add_argument("--list", action="store_true", help="list the presets and what each is for")
+    preset.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     preset.set_defaults(handler=_preset)
     return parser
 
@@ -256,14 +259,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _preset(args: argparse.Namespace) -> int:
-    from flows.workspace import apply_preset, presets, project_root
+    from flows.presets import apply_preset, plan_preset, presets
+    from flows.workspace import project_root
 
     root = project_root()
-    if not args.name:
-        print("\n".join(presets(root)))
+    if args.list or not args.name:
+        found = presets(root)
+        width = max(map(len, found), default=0)
+        print("\n".join(f"{name:<{width}}  {summary}".rstrip() for name, summary in found.items()))
         return 0
-    changes = apply_preset(root, args.name)
-    print(f"applied preset {args.name} to params.yaml ({len(changes)} values); now `tlp run`")
+    change = (plan_preset if args.dry_run else apply_preset)(root, args.name)
+    print(change.diff() or f"params.yaml already has every value of preset {args.name}", end="")
+    if change.left_over:
+        print(f"\nnot set by {args.name}, and not the shipped default (`tlp preset default` first "
+              "for a clean start):")  # fmt: skip
+        for key, (now, default) in change.left_over.items():
+            print(f"  {key}: {json.dumps(now)} (default {json.dumps(default)})")
+    if args.dry_run:
+        print(f"\n(dry run: params.yaml not written; `tlp preset {args.name}` writes it)")
+    elif change.after != change.before:
+        print(f"\napplied preset {args.name} to params.yaml; now `tlp run` (or `dvc repro`)")
     return 0
 
 

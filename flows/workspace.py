@@ -22,7 +22,6 @@ from tasks.params import ParamsError, apply_overrides, parse_params, parse_yaml,
 
 MAX_VALUE_CHARS = 4096  # one -S value; a params value is never near this
 PARAMS_FILE = "params.yaml"
-PRESETS_DIR = "presets"
 WEIGHTS_DEP = "${backbone.weights}"  # dvc.yaml: the backbone stage's weights file dependency
 
 
@@ -132,39 +131,20 @@ def overrides_applied(root: Path, overrides: Mapping[str, Any]) -> Iterator[None
         yield
     except BaseException:
         if overrides:
-            _write(path, original)
+            write_text(path, original)
         raise
 
 
-def presets(root: Path) -> list[str]:
-    """Names of the presets in ``root/presets``."""
-    return sorted(path.stem for path in (root / PRESETS_DIR).glob("*.yaml"))
-
-
-def apply_preset(root: Path, name: str) -> dict[str, Any]:
-    """Write a preset (a name in ``presets/``, or a YAML file) into ``params.yaml``.
-
-    Returns:
-        The values written, as dotted keys.
-
-    Raises:
-        ParamsError: no such preset (the message lists them), or a value is invalid
-            (then nothing is written).
-    """
-    is_file = name.endswith((".yaml", ".yml"))
-    path = Path(name) if is_file else root / PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ParamsError(f"unknown preset {name!r}; available: {', '.join(presets(root))}")
-    changes = validate_overrides(root, dotted_keys(read_yaml(path)))
-    write_overrides(root, changes)
-    return changes
-
-
 def write_overrides(root: Path, overrides: Mapping[str, Any]) -> None:
-    """Write validated overrides into ``params.yaml``, keeping comments, order and quoting
-    (a ruamel round-trip: DVC's YAML library)."""
-    if not overrides:
-        return
+    """Write validated overrides into ``params.yaml`` (see :func:`render_overrides`)."""
+    if overrides:
+        path = root / PARAMS_FILE
+        write_text(path, render_overrides(path.read_text(encoding="utf-8"), overrides))
+
+
+def render_overrides(text: str, overrides: Mapping[str, Any]) -> str:
+    """``params.yaml``'s text with the overrides' values in place: comments, order and
+    quoting kept (a ruamel round-trip: DVC's YAML library)."""
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedSeq
 
@@ -173,8 +153,7 @@ def write_overrides(root: Path, overrides: Mapping[str, Any]) -> None:
     round_trip.width = 4096  # never re-wrap long lines
     null = lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")  # noqa: E731
     round_trip.representer.add_representer(type(None), null)
-    path = root / PARAMS_FILE
-    data = round_trip.load(path.read_text(encoding="utf-8"))
+    data = round_trip.load(text)
     for dotted, value in overrides.items():
         *sections, key = dotted.split(".")
         node = data
@@ -186,10 +165,11 @@ def write_overrides(root: Path, overrides: Mapping[str, Any]) -> None:
         node[key] = value
     stream = io.StringIO()
     round_trip.dump(data, stream)
-    _write(path, stream.getvalue())
+    return stream.getvalue()
 
 
-def _write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Replace a file's text atomically, keeping its permissions."""
     mode = path.stat().st_mode
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -13,6 +13,8 @@ import yaml
 
 from flows.locking import WorkspaceBusyError, current_holder, workspace_lock
 from flows.workspace import (
+    dotted_keys,
+    lookup,
     overrides_applied,
     parse_set_options,
     project_root,
@@ -196,7 +198,13 @@ def test_workspace_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
 
 
 def test_preset_lists_writes_and_refuses_unknown_names(project):
-    assert "mnist" in tlp(project, "preset").stdout.split()
+    listed = dict(
+        line.split(maxsplit=1) for line in tlp(project, "preset", "--list").stdout.splitlines()
+    )
+    assert set(listed) == {p.stem for p in (ROOT / "presets").glob("*.yaml")}
+    assert listed["mnist"].startswith("MNIST: 70,000 28x28 handwritten digits")
+    assert "shipped params.yaml, byte for byte" in listed["default"]
+    assert tlp(project, "preset").stdout == tlp(project, "preset", "--list").stdout
     unknown = tlp(project, "preset", "nope", check=False)
     assert unknown.returncode == 1 and "unknown preset 'nope'; available: " in unknown.stderr
 
@@ -205,3 +213,35 @@ def test_preset_lists_writes_and_refuses_unknown_names(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["fetch"]["source"] == preset["fetch"]["source"]
     assert run(["git", "diff", "--stat"], project).stdout.strip().startswith("params.yaml")
+
+
+def test_preset_changes_only_its_keys_in_place_and_default_restores_the_shipped_file(project):
+    shipped = (ROOT / "params.yaml").read_bytes()
+    (project / "params.yaml").write_bytes(shipped)  # with its comments (make_project drops them)
+    preset = yaml.safe_load((ROOT / "presets/fashion-mnist.yaml").read_text())
+
+    dry = tlp(project, "preset", "fashion-mnist", "--dry-run").stdout
+    assert (project / "params.yaml").read_bytes() == shipped  # nothing written
+    assert {"-  epochs: 12", "+  epochs: 8"} <= set(dry.splitlines())  # the diff it would write
+
+    tlp(project, "preset", "fashion-mnist")
+    text = (project / "params.yaml").read_text()
+    written = yaml.safe_load(text)
+    for key, value in dotted_keys(preset).items():
+        assert lookup(written, key) == value, key
+    shipped_lines = shipped.decode().splitlines()
+    changed = {key for key in dotted_keys(yaml.safe_load(shipped))
+               if lookup(written, key) != lookup(yaml.safe_load(shipped), key)}  # fmt: skip
+    assert changed <= set(dotted_keys(preset))  # only the preset's keys changed
+    comments = [line.split("#", 1)[1] for line in shipped_lines if "#" in line]
+    assert all(comment in text for comment in comments)  # every comment kept
+    assert len(text.splitlines()) == len(shipped_lines)  # in place: same lines, same order
+    keys = [line.split(":")[0] for line in text.splitlines() if ":" in line and "#" not in line[:2]]
+    assert keys == [
+        line.split(":")[0] for line in shipped_lines if ":" in line and "#" not in line[:2]
+    ]
+
+    after_mnist = tlp(project, "preset", "mnist").stdout  # leaves fashion-mnist's dropout
+    assert "train.dropout: 0.3 (default 0.2)" in after_mnist
+    tlp(project, "preset", "default")
+    assert (project / "params.yaml").read_bytes() == shipped  # byte for byte
