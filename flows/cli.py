@@ -3,11 +3,12 @@
 ``tlp run [-S key=value ...]``    run the Prefect flow once (embedded Prefect, or the
                                   project's running ``tlp server`` if there is one)
 ``tlp status``                    the stages, in graph order, and what would re-run and why
+``tlp runs [--csv]``              the recorded runs: when, what changed, accuracy, duration
 ``tlp server``                    the Prefect dashboard on http://127.0.0.1:4200
 ``tlp serve [--cron|--interval]`` serve the flow as a (scheduled) deployment
 ``tlp predict ...``               ``tasks.predict`` (argv forwarded as is)
 ``tlp explain IMAGE...``          ``tasks.overlay``: Grad-CAM overlay PNGs
-``tlp preset [NAME]``             list the presets, or write one into params.yaml
+``tlp preset [NAME] [--dry-run]`` list the presets, or write one into params.yaml
 
 Prefect, DVC and TensorFlow are imported inside the subcommands, never here, so that
 ``tlp predict`` and ``tlp --help`` start fast. Prefect's state lives in ``.tlp/prefect``
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true",
                      help="show every log line: Prefect's, DVC's and TensorFlow's")  # fmt: skip
     run.set_defaults(handler=_run)
+    runs = commands.add_parser("runs", help="the recorded runs side by side (DVC experiments)")
+    runs.add_argument("--csv", action="store_true", help="print CSV, nothing cut (for scripts)")
+    runs.set_defaults(handler=_runs)
     status = commands.add_parser("status", help="show the stages and what would re-run")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
@@ -143,6 +147,20 @@ def _run(args: argparse.Namespace) -> int:
     if api:
         print(f"tlp: {api.removesuffix('/api')}/runs/flow-run/{run_id}")
     return 0 if state.is_completed() else 1
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from flows.runs import recorded_runs, table, to_csv
+    from flows.workspace import project_root
+
+    runs = recorded_runs(project_root())
+    if args.csv:
+        print(to_csv(runs), end="")
+    elif runs:
+        print(table(runs))
+    else:
+        print("no recorded runs yet: each `tlp run` that does work is saved as a DVC experiment")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

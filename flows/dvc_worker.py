@@ -145,7 +145,7 @@ class DvcWorker:
         RuntimeError if DVC cannot (e.g. the stage never succeeded here)."""
         self._request({"op": "checkout", "stage": stage}, self.emit)
 
-    def save_experiment(self, name: str) -> str:
+    def save_experiment(self, name: str, message: str | None = None) -> str:
         """Record the workspace as a DVC experiment (``dvc exp save``); return its name.
 
         The untracked metrics and plots go in too, so that experiments compare. DVC picks
@@ -153,7 +153,7 @@ class DvcWorker:
         ``Repo`` that takes DVC's lock itself, so the worker lets go of the lock first:
         this is the last request. RuntimeError if DVC cannot (e.g. no git commit).
         """
-        return self._request({"op": "save", "name": name}, self.emit)
+        return self._request({"op": "save", "name": name, "message": message}, self.emit)
 
     def close(self, stop: bool = False) -> None:
         """Let the worker release DVC's lock and exit; with ``stop``, stop it and its stage
@@ -298,7 +298,7 @@ def serve(root: Path, parent: int) -> int:
             "reproduce": lambda r: reproduce(r["stage"], Path(scratch) / "result.json"),
             "checkout": lambda r: repo.checkout(targets=[r["stage"]], force=True) and None,
             "rollback": lambda _: snapshot.restore(repo, touched),
-            "save": lambda r: _save(repo, held, r["name"]),
+            "save": lambda r: _save(repo, held, r["name"], r.get("message")),
         }
         for line in sys.stdin:
             request = json.loads(line)
@@ -341,7 +341,7 @@ def _reproduce(repo: Any, stage: str, result_file: Path) -> dict[str, Any]:
     return {"outcome": "restored" if done else "cached"}
 
 
-def _save(repo: Any, held: HeldLock, name: str) -> str:
+def _save(repo: Any, held: HeldLock, name: str, message: str | None) -> str:
     from dvc.exceptions import DvcException
     from dvc.scm import NoSCM
 
@@ -351,9 +351,9 @@ def _save(repo: Any, held: HeldLock, name: str) -> str:
     include = [o.def_path for o in outs if (o.metric or o.plot) and not o.use_cache and o.exists]
     repo.lock = held.release()  # exp save's own Repo takes the lock itself
     try:
-        rev = repo.experiments.save(name=name, include_untracked=include)
+        rev = repo.experiments.save(name=name, include_untracked=include, message=message)
     except DvcException:  # the name is taken or not a valid git ref: let DVC pick one
-        rev = repo.experiments.save(include_untracked=include)
+        rev = repo.experiments.save(include_untracked=include, message=message)
     return repo.experiments.get_exact_name([rev])[rev] or rev[:7]
 
 

@@ -34,6 +34,7 @@ from flows.dvc_worker import DvcWorker
 from flows.locking import workspace_lock
 from flows.logs import CONSOLE
 from flows.reports import StageOutcome
+from flows.runs import run_message
 from flows.stages import DvcBusyError, Pipeline, StageFailedError, TransientStageError, run_reason
 from flows.workspace import overrides_applied, preflight, project_root
 from tasks.common import read_json
@@ -120,7 +121,7 @@ def pipeline(
     Returns:
         Each stage's outcome (``ran``, ``cached``, ``restored``), in pipeline order.
     """
-    logger = get_run_logger()
+    logger, started = get_run_logger(), time.perf_counter()
     root = project_root(os.environ.get("TLP_PROJECT_DIR"))
     run_name = flow_run.get_name()
     outcomes: list[StageOutcome] = []
@@ -138,7 +139,8 @@ def pipeline(
                     logger.info("pipeline from dvc.yaml: %s", " -> ".join(plan.names))
                     bring_up_to_date(dvc, plan, outcomes)
                 if save_experiment:
-                    experiment = record_run(dvc, outcomes, run_name)
+                    seconds = time.perf_counter() - started
+                    experiment = record_run(dvc, outcomes, run_name, seconds)
             finally:
                 ran = sum(o.outcome == "ran" for o in outcomes)
                 create_table_artifact(
@@ -215,13 +217,15 @@ def rolled_back_on_failure(dvc: DvcWorker) -> Iterator[None]:
         raise
 
 
-def record_run(dvc: DvcWorker, outcomes: list[StageOutcome], name: str) -> str:
-    """Save the run as a DVC experiment if a stage ran; return its name or why not."""
+def record_run(dvc: DvcWorker, outcomes: list[StageOutcome], name: str, seconds: float) -> str:
+    """Save the run as a DVC experiment if a stage ran (its duration in the commit message,
+    for ``tlp runs``); return its name or why not."""
     logger = get_run_logger()
-    if not any(o.outcome in ("ran", "restored") for o in outcomes):
+    ran = [o.stage for o in outcomes if o.outcome in ("ran", "restored")]
+    if not ran:
         return "not saved: nothing ran, the results are those of the previous run"
     try:
-        name = dvc.save_experiment(name)
+        name = dvc.save_experiment(name, run_message(name, seconds, ran))
     except RuntimeError as exc:
         logger.warning("not saved as a DVC experiment: %s; the run itself succeeded", exc)
         return f"not saved: {exc}"
