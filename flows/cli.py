@@ -4,6 +4,7 @@
                                   project's running ``tlp server`` if there is one)
 ``tlp status``                    the stages, in graph order, and what would re-run and why
 ``tlp runs [--csv]``              the recorded runs: when, what changed, accuracy, duration
+``tlp report [NAME]``             one self-contained HTML file of a run's results
 ``tlp server``                    the Prefect dashboard on http://127.0.0.1:4200
 ``tlp serve [--cron|--interval]`` serve the flow as a (scheduled) deployment
 ``tlp predict ...``               ``tasks.predict`` (argv forwarded as is)
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="the recorded runs side by side (DVC experiments)")
     runs.add_argument("--csv", action="store_true", help="print CSV, nothing cut (for scripts)")
     runs.set_defaults(handler=_runs)
+    report = commands.add_parser("report", help="one HTML file with a run's results, offline")
+    report.add_argument("name", nargs="?", help="a saved run (`tlp runs`); default: the workspace")
+    report.add_argument("-o", "--out", type=Path, help="the file (default: reports/NAME.html)")
+    report.set_defaults(handler=_report)
     status = commands.add_parser("status", help="show the stages and what would re-run")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
@@ -160,6 +165,19 @@ def _runs(args: argparse.Namespace) -> int:
         print(table(runs))
     else:
         print("no recorded runs yet: each `tlp run` that does work is saved as a DVC experiment")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from flows.html_report import write_report
+    from flows.workspace import project_root
+
+    try:
+        path = write_report(project_root(), args.name, args.out)
+    except ValueError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
+    print(f"tlp: wrote {path} (one file, no network needed: open it in any browser)")
     return 0
 
 
