@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -245,3 +246,45 @@ def test_preset_changes_only_its_keys_in_place_and_default_restores_the_shipped_
     assert "train.dropout: 0.3 (default 0.2)" in after_mnist
     tlp(project, "preset", "default")
     assert (project / "params.yaml").read_bytes() == shipped  # byte for byte
+
+
+RUN_IN_PROCESS = textwrap.dedent(
+    """
+    import sys, time
+    import flows.cli
+    started = time.monotonic()
+    code = flows.cli.main(["run", *sys.argv[1:]])
+    heavy = [m for m in ("prefect", "dvc", "tensorflow") if m in sys.modules]
+    print(f"exit {code} heavy {heavy} seconds {time.monotonic() - started:.2f}")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("backbone.arch=resnet5", "backbone.arch 'resnet5' is not a known architecture; allowed: "),
+        ("train.epoch=5", "unknown key train.epoch (allowed: "),
+        ("backbone.weights=mine.h5", "is not 'imagenet', 'none' or a weights file in"),
+        ("fetch.source=photos/", "fetch.source 'photos/' does not exist"),
+        ("fetch.source=htps://example.org/x.tgz", "unsupported URL scheme 'htps'"),
+    ],
+)
+def test_run_refuses_bad_params_before_any_server_or_stage_starts(project, override, expected):
+    if override.startswith("backbone.weights"):  # a weights file needs a pretrained arch
+        set_params(project, {"backbone": {"arch": "vgg16"}, "prepare": {"image_size": [32, 32]}})
+    params = (project / "params.yaml").read_bytes()
+    result = run([sys.executable, "-c", RUN_IN_PROCESS, "-S", override], project, check=False,
+                 env={"PYTHONPATH": str(ROOT), "PREFECT_API_URL": ""})  # fmt: skip
+
+    assert expected in result.stderr, result.stderr
+    assert result.stderr.startswith("ERROR: invalid params: ")
+    if "allowed: " in expected:
+        assert "mobilenet_v2" in result.stderr or "epochs" in result.stderr  # the allowed ones
+    code, heavy, seconds = re.search(r"exit (\d+) heavy (.*) seconds (.*)", result.stdout).groups()
+    assert code == "1"
+    assert heavy == "[]"  # no Prefect (so no server, no flow run), no DVC, no TensorFlow
+    assert float(seconds) < 30  # a guard only: starting a Prefect server takes longer
+    assert not (project / ".tlp" / "prefect").exists()
+    assert (project / "params.yaml").read_bytes() == params
+    assert not (project / "dvc.lock").exists()  # no stage ran
