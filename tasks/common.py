@@ -192,6 +192,7 @@ def sha256_file(path: str | Path) -> str:
 EXIT_OK = 0
 EXIT_FAILED = 1  # the stage cannot go on with these inputs or params; retrying will not help
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL (sysexits.h): a passing failure (network); retry later
+EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C, or `tlp run` stopping); 128 + 2, as shells say
 # When set, the stage writes {"stage", "exit_code", "error"} as JSON to this path before it
 # exits: how the flow learns that the command ran and how it ended (DVC's Python API does not
 # pass the exit code on).
@@ -219,8 +220,8 @@ def run_stage(name: str, body: Callable[[], Any]) -> int:
         body: the work; it may raise :class:`StageError`, :class:`ParamsError` or ``ValueError``.
 
     Returns:
-        The process exit code: :data:`EXIT_OK`, :data:`EXIT_FAILED`, or
-        :data:`EXIT_TRANSIENT` for a :class:`TransientError`.
+        The process exit code: :data:`EXIT_OK`, :data:`EXIT_FAILED`,
+        :data:`EXIT_TRANSIENT` for a :class:`TransientError`, or :data:`EXIT_INTERRUPTED`.
     """
     setup_logging()
     code, error = EXIT_OK, ""
@@ -231,6 +232,10 @@ def run_stage(name: str, body: Callable[[], Any]) -> int:
         error = str(exc)
         if not os.environ.get(RESULT_ENV):  # else whoever asked for the result reports it
             print(f"ERROR: {name}: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:  # its atomic_path blocks have removed their temporaries
+        print(f"{name}: interrupted; no output written", file=sys.stderr)
+        _write_result(name, EXIT_INTERRUPTED, "interrupted")
+        return EXIT_INTERRUPTED
     except BaseException as exc:
         _write_result(name, EXIT_FAILED, f"{type(exc).__name__}: {exc}")
         raise

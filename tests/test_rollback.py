@@ -129,6 +129,7 @@ def test_a_stopped_run_exits_at_once_leaves_no_process_and_the_workspace_as_befo
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
     output = log.read_text()
+    print(f"tlp run exited {code}, {took:.1f} s after {sig.name}")  # shown with pytest -rP
     assert code == 128 + sig, output[-4000:]
     assert took <= EXIT_WITHIN_S, (took, output[-3000:])
     assert f"stopped by {sig.name}" in output
