@@ -294,11 +294,13 @@ def _sep(path: str) -> str:
     return "\t" if path.endswith(".tsv") else ","
 
 
-def _float(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
+def _float(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _number(value: Any) -> str:

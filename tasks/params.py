@@ -416,15 +416,8 @@ def parse_yaml(text: str, where: str) -> Any:
 def load_params(
     path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
 ) -> Params:
-    """Read, override and validate ``params.yaml``.
-
-    Args:
-        path: the params file.
-        overrides: dotted keys to replace, e.g. ``{"train.epochs": 5}``.
-
-    Returns:
-        The typed parameters.
-    """
+    """Read ``path``, apply ``overrides`` (dotted keys: ``{"train.epochs": 5}``), validate;
+    return the typed parameters (:func:`parse_params`)."""
     return parse_params(apply_overrides(read_yaml(path), overrides))
 
 
