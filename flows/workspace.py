@@ -1,10 +1,11 @@
 """The project on disk: where its root is, and params overrides written into ``params.yaml``.
 
-Overrides (``tlp run -S``) and presets (partial params files in ``presets/``, ``tlp preset``)
-are validated with the stages' own parser (:mod:`tasks.params`) before anything is written,
-then written into ``params.yaml`` (like ``dvc exp run --set-param``), comments and key order
-kept: ``dvc repro`` reproduces the run later, ``git diff params.yaml`` shows what changed.
-This module imports neither Prefect nor DVC, so the command line stays fast.
+Overrides (``tlp run -S``) and presets (:mod:`flows.presets`) are validated with the
+stages' own parser (:mod:`tasks.params`) before anything is written, then written into
+``params.yaml`` (like ``dvc exp run --set-param``), comments and key order kept: ``dvc
+repro`` reproduces the run later, ``git diff params.yaml`` shows what changed.
+:func:`preflight` checks a run's params and the files they name before it starts. This
+module imports neither Prefect nor DVC, so the command line stays fast.
 """
 
 from __future__ import annotations
