@@ -208,7 +208,7 @@ def rolled_back_on_failure(dvc: DvcWorker) -> Iterator[None]:
         logger = get_run_logger()
         try:
             lost = dvc.roll_back()
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:  # the worker did not answer, or is gone
             logger.warning("could not put the workspace back: %s; see `dvc status`", exc)
         else:
             if lost:
