@@ -3,11 +3,13 @@
 ``tlp run [-S key=value ...]``    run the Prefect flow once (embedded Prefect, or the
                                   project's running ``tlp server`` if there is one)
 ``tlp status``                    the stages, in graph order, and what would re-run and why
+``tlp runs [--csv]``              the recorded runs: when, what changed, accuracy, duration
+``tlp report [NAME]``             one self-contained HTML file of a run's results
 ``tlp server``                    the Prefect dashboard on http://127.0.0.1:4200
 ``tlp serve [--cron|--interval]`` serve the flow as a (scheduled) deployment
 ``tlp predict ...``               ``tasks.predict`` (argv forwarded as is)
 ``tlp explain IMAGE...``          ``tasks.overlay``: Grad-CAM overlay PNGs
-``tlp preset [NAME]``             list the presets, or write one into params.yaml
+``tlp preset [NAME] [--dry-run]`` list the presets, or write one into params.yaml
 
 Prefect, DVC and TensorFlow are imported inside the subcommands, never here, so that
 ``tlp predict`` and ``tlp --help`` start fast. Prefect's state lives in ``.tlp/prefect``
@@ -45,14 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     from flows.auth import AuthFileError
     from flows.locking import WorkspaceBusyError
     from flows.stages import DvcBusyError
+    from flows.tempserver import ServerStartError
     from flows.workspace import NotAProjectError
     from tasks.common import StageError
     from tasks.params import ParamsError
 
-    errors = (NotAProjectError, ParamsError, WorkspaceBusyError, DvcBusyError, AuthFileError)
+    expected = (NotAProjectError, ParamsError, WorkspaceBusyError, DvcBusyError, ServerStartError)
     try:
         return args.handler(args)
-    except (*errors, StageError) as exc:
+    except (*expected, AuthFileError, StageError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
 
@@ -64,10 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run the pipeline once as a Prefect flow")
-    _add_set_option(run, "override a param for this run, e.g. -S train.epochs=5 (repeatable)")
+    _add_set_option(run, "set a param in params.yaml for this run, e.g. -S train.epochs=5 "
+                    "(repeatable); it stays there, like dvc exp run --set-param, unless the "
+                    "run fails")  # fmt: skip
     run.add_argument("--no-save-experiment", dest="save_experiment", action="store_false",
                      help="do not record the run as a DVC experiment (dvc exp save)")  # fmt: skip
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show every log line: Prefect's, DVC's and TensorFlow's")  # fmt: skip
     run.set_defaults(handler=_run)
+    runs = commands.add_parser("runs", help="the recorded runs side by side (DVC experiments)")
+    runs.add_argument("--csv", action="store_true", help="print CSV, nothing cut (for scripts)")
+    runs.set_defaults(handler=_runs)
+    report = commands.add_parser("report", help="one HTML file with a run's results, offline")
+    report.add_argument("name", nargs="?", help="a saved run (`tlp runs`); default: the workspace")
+    report.add_argument("-o", "--out", type=Path, help="the file (default: reports/NAME.html)")
+    report.set_defaults(handler=_report)
     status = commands.add_parser("status", help="show the stages and what would re-run")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
@@ -85,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("predict", help="classify images with the model (tlp predict --help)")
     commands.add_parser("explain", help="Grad-CAM overlays: where the model looked (--help)")
     preset = commands.add_parser("preset", help="list the presets, or write one into params.yaml")
-    preset.add_argument("name", nargs="?", help="a preset in presets/, or a YAML file")
+    preset.add_argument("name", nargs="?", help="a preset in presets/ (default: the shipped "
+                        "params.yaml), or a YAML file; none: list them")  # fmt: skip
+    preset.add_argument("--list", action="store_true", help="list the presets and what each is for")
+    preset.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     preset.set_defaults(handler=_preset)
     return parser
 
@@ -96,15 +113,35 @@ def _add_set_option(parser: argparse.ArgumentParser, text: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flows.workspace import parse_set_options, project_root
+    from flows.logs import VERBOSE_ENV
+    from flows.workspace import parse_set_options, preflight, project_root
 
     root = project_root()
-    overrides = parse_set_options(args.overrides)
+    # All that can be checked without the data, before Prefect starts: a typo fails at once.
+    changes = preflight(root, parse_set_options(args.overrides))
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the DVC worker and the stages see it too
     api = prefect_environment(root)
-    print(f"tlp: Prefect API {api or 'embedded (temporary; start `tlp server` to keep one)'}")
-    from flows.pipeline import pipeline
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop_run)
+    try:
+        if api:
+            print(f"tlp: Prefect API {api}")
+        else:
+            from flows.tempserver import start_temporary_server
 
-    state = pipeline(overrides or None, args.save_experiment, return_state=True)
+            print("tlp: starting a temporary Prefect server (`tlp server` keeps one running)")
+            os.environ["PREFECT_API_URL"] = start_temporary_server(root)
+        from flows.logs import quiet_console
+        from flows.pipeline import pipeline
+
+        quiet_console()
+        state = pipeline(changes or None, args.save_experiment, return_state=True)
+    except KeyboardInterrupt:
+        name = signal.Signals(_STOPPED_BY[0]).name if _STOPPED_BY else "SIGINT"
+        print(f"tlp: stopped by {name}; params.yaml, dvc.lock and the outputs are as they "
+              "were before the run", file=sys.stderr)  # fmt: skip
+        return 128 + (_STOPPED_BY[0] if _STOPPED_BY else signal.SIGINT)
     run_id = state.state_details.flow_run_id
     if state.is_completed():
         grouped: dict[str, list[str]] = {}
@@ -118,6 +155,33 @@ def _run(args: argparse.Namespace) -> int:
     if api:
         print(f"tlp: {api.removesuffix('/api')}/runs/flow-run/{run_id}")
     return 0 if state.is_completed() else 1
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from flows.runs import recorded_runs, table, to_csv
+    from flows.workspace import project_root
+
+    runs = recorded_runs(project_root())
+    if args.csv:
+        print(to_csv(runs), end="")
+    elif runs:
+        print(table(runs))
+    else:
+        print("no recorded runs yet: each `tlp run` that does work is saved as a DVC experiment")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from flows.html_report import write_report
+    from flows.workspace import project_root
+
+    try:
+        path = write_report(project_root(), args.name, args.out)
+    except ValueError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
+    print(f"tlp: wrote {path} (one file, no network needed: open it in any browser)")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -200,11 +264,24 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+_STOPPED_BY: list[int] = []  # the signal that stopped `tlp run`
+
+
+def _stop_run(signum: int, frame: Any) -> None:
+    """Ctrl-C or SIGTERM: stop the run once (it then puts the workspace back and reports its
+    state); signals after the first wait for that, which takes seconds."""
+    if _STOPPED_BY:
+        print("tlp: stopping; putting the workspace back first", file=sys.stderr)
+        return
+    _STOPPED_BY.append(signum)
+    raise KeyboardInterrupt
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from flows.workspace import parse_set_options, project_root, validate_overrides
+    from flows.workspace import parse_set_options, preflight, project_root
 
     root = project_root()
-    overrides = validate_overrides(root, parse_set_options(args.overrides))
+    overrides = preflight(root, parse_set_options(args.overrides))
     api = prefect_environment(root)
     if not api:
         print("ERROR: tlp serve registers a deployment with a Prefect server and waits for its "
@@ -228,14 +305,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _preset(args: argparse.Namespace) -> int:
-    from flows.workspace import apply_preset, presets, project_root
+    from flows.presets import apply_preset, plan_preset, presets
+    from flows.workspace import project_root
 
     root = project_root()
-    if not args.name:
-        print("\n".join(presets(root)))
+    if args.list or not args.name:
+        found = presets(root)
+        width = max(map(len, found), default=0)
+        print("\n".join(f"{name:<{width}}  {summary}".rstrip() for name, summary in found.items()))
         return 0
-    changes = apply_preset(root, args.name)
-    print(f"applied preset {args.name} to params.yaml ({len(changes)} values); now `tlp run`")
+    change = (plan_preset if args.dry_run else apply_preset)(root, args.name)
+    print(change.diff() or f"params.yaml already has every value of preset {args.name}", end="")
+    if change.left_over:
+        print(f"\nnot set by {args.name}, and not the shipped default (`tlp preset default` first "
+              "for a clean start):")  # fmt: skip
+        for key, (now, default) in change.left_over.items():
+            print(f"  {key}: {json.dumps(now)} (default {json.dumps(default)})")
+    if args.dry_run:
+        print(f"\n(dry run: params.yaml not written; `tlp preset {args.name}` writes it)")
+    elif change.after != change.before:
+        print(f"\napplied preset {args.name} to params.yaml; now `tlp run` (or `dvc repro`)")
     return 0
 
 

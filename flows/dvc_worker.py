@@ -9,7 +9,9 @@ back on its stdout, one JSON line each; what DVC and the stage commands print co
 stderr and is logged line by line. How a command ended is its exit code and error, which
 ``tasks.common.run_stage`` writes to ``$TLP_STAGE_RESULT``: never DVC's printed English.
 TensorFlow and DVC stay out of the flow's process; the worker dies with it
-(``PR_SET_PDEATHSIG``) and takes the stage command along.
+(``PR_SET_PDEATHSIG``) and takes the stage command along. When a run fails or is
+interrupted, the worker stops the stage it runs and puts ``dvc.lock`` and the outputs of
+every stage it reproduced back as they were (:mod:`flows.rollback`).
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dvc.lock import LockBase, LockError, LockNoop
 
+from flows.logs import verbose
+from flows.rollback import Snapshot
 from flows.stages import (
     DVC_BUSY_MESSAGE,
     DvcBusyError,
@@ -44,6 +50,11 @@ from tasks.common import EXIT_FAILED, EXIT_TRANSIENT, RESULT_ENV
 
 Emit = Callable[[str], Any]
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The flow's request to stop the stage command. Not SIGINT: DVC ignores SIGINT in its own
+# process while a command runs (the terminal sends it to the command directly).
+STOP_STAGE = signal.SIGUSR1
+STAGE_GRACE_S = 5.0  # after SIGINT, a stage that is still running is killed
+ANSWER_AFTER_STOP_S = 30.0  # a stopped stage's answer comes within this, or the worker goes
 
 
 class DvcWorker:
@@ -58,6 +69,8 @@ class DvcWorker:
         self._process: subprocess.Popen | None = None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._partial = ""
+        self._answer_so_far = b""
+        self._pending = False  # a request was sent and its answer has not come yet
 
     def __enter__(self) -> DvcWorker:
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -79,6 +92,29 @@ class DvcWorker:
 
     def __exit__(self, kind: type | None, *_: Any) -> None:
         self.close(stop=kind is not None and not issubclass(kind, Exception))
+
+    def snapshot(self) -> None:
+        """Remember ``dvc.lock`` and the uncached outputs, for :meth:`roll_back`."""
+        self._request({"op": "snapshot"}, self.emit)
+
+    def roll_back(self) -> list[str]:
+        """Stop the stage that runs, if any, then put ``dvc.lock`` and the outputs of every
+        stage this worker reproduced back as they were at :meth:`snapshot`.
+
+        A second Ctrl-C or SIGTERM meanwhile waits for it (it takes seconds, bounded).
+
+        Returns:
+            Outputs that could not be put back (no longer in the DVC cache), if any.
+
+        Raises:
+            RuntimeError: the worker did not answer (then it is stopped, and nothing is
+                put back).
+        """
+        with _signals_deferred(self.emit):
+            if self._pending:  # interrupted while waiting for a stage
+                os.kill(self._process.pid, STOP_STAGE)
+                self._answer(self.emit, timeout=ANSWER_AFTER_STOP_S, check=False)
+            return self._request({"op": "rollback"}, self.emit)
 
     def pipeline(self) -> Pipeline:
         """The stage graph and every stage's status (:func:`flows.stages.read_pipeline`)."""
@@ -110,7 +146,7 @@ class DvcWorker:
         RuntimeError if DVC cannot (e.g. the stage never succeeded here)."""
         self._request({"op": "checkout", "stage": stage}, self.emit)
 
-    def save_experiment(self, name: str) -> str:
+    def save_experiment(self, name: str, message: str | None = None) -> str:
         """Record the workspace as a DVC experiment (``dvc exp save``); return its name.
 
         The untracked metrics and plots go in too, so that experiments compare. DVC picks
@@ -118,7 +154,7 @@ class DvcWorker:
         ``Repo`` that takes DVC's lock itself, so the worker lets go of the lock first:
         this is the last request. RuntimeError if DVC cannot (e.g. no git commit).
         """
-        return self._request({"op": "save", "name": name}, self.emit)
+        return self._request({"op": "save", "name": name, "message": message}, self.emit)
 
     def close(self, stop: bool = False) -> None:
         """Let the worker release DVC's lock and exit; with ``stop``, stop it and its stage
@@ -128,7 +164,7 @@ class DvcWorker:
             return
         process.stdin.close()  # no more requests: once idle, it releases the lock and exits
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=0 if stop else 60)
+            process.wait(timeout=0 if stop and self._pending else 60)
         for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, None)):
             if process.poll() is not None:
                 break
@@ -141,14 +177,24 @@ class DvcWorker:
     def _request(self, request: dict[str, Any], emit: Emit) -> Any:
         self._process.stdin.write(json.dumps(request).encode() + b"\n")
         self._process.stdin.flush()
+        self._pending = True
         return self._answer(emit)
 
-    def _answer(self, emit: Emit) -> Any:
-        """Log the worker's output line by line until its answer comes; return its value."""
+    def _answer(self, emit: Emit, timeout: float | None = None, check: bool = True) -> Any:
+        """Log the worker's output line by line until its answer comes; return its value.
+
+        An interrupted wait can be resumed: what came of the answer so far is kept. With
+        ``check=False`` a failure answer is returned, not raised.
+        """
         answer_fd, log_fd = self._process.stdout.fileno(), self._process.stderr.fileno()
-        answer, log_open = b"", True
-        while not answer.endswith(b"\n"):
-            ready = select.select([answer_fd, log_fd] if log_open else [answer_fd], [], [])[0]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        log_open = True
+        while not self._answer_so_far.endswith(b"\n"):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            fds = [answer_fd, log_fd] if log_open else [answer_fd]
+            ready = select.select(fds, [], [], left)[0]
+            if not ready and left == 0.0:
+                raise RuntimeError(f"the DVC worker did not answer within {timeout:.0f} s")
             if log_fd in ready:
                 log_open = self._log(os.read(log_fd, 65536), emit)
             if answer_fd in ready:
@@ -156,12 +202,12 @@ class DvcWorker:
                 if not chunk:
                     code = self._process.wait()
                     raise RuntimeError(f"the DVC worker exited ({code}) without an answer")
-                answer += chunk
+                self._answer_so_far += chunk
         while log_open and select.select([log_fd], [], [], 0)[0]:  # printed before answering
             log_open = self._log(os.read(log_fd, 65536), emit)
         self._log(b"", emit, final=True)
-        reply = json.loads(answer)
-        if reply["ok"]:
+        reply, self._answer_so_far, self._pending = json.loads(self._answer_so_far), b"", False
+        if reply["ok"] or not check:
             return reply.get("value")
         raise (DvcBusyError if reply["kind"] == "busy" else RuntimeError)(reply["error"])
 
@@ -175,6 +221,21 @@ class DvcWorker:
             if line.strip():
                 emit(line.rstrip())
         return bool(chunk)
+
+
+@contextlib.contextmanager
+def _signals_deferred(emit: Emit) -> Iterator[None]:
+    """SIGINT and SIGTERM wait for the block (the first one is already being handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    note = lambda signum, frame: emit("stopping: putting the workspace back first")  # noqa: E731
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # -- the worker process ---------------------------------------------------------------------
@@ -207,12 +268,17 @@ def serve(root: Path, parent: int) -> int:
     """
     signal.signal(signal.SIGTERM, _stop_group)  # SIGTERM stops the stage command too...
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # ...and the flow's death sends it
+    signal.signal(STOP_STAGE, _stop_stage)
     if os.getppid() != parent:  # the flow died before prctl
         return 1
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # what DVC and the stages print is log, not answers
+    import logging
+
     from dvc.repo import Repo
 
+    if not verbose():  # "Running stage", the command, "Updating lock file", `git add` hints
+        logging.getLogger("dvc").setLevel(logging.WARNING)
     repo = Repo(str(root))
     try:
         repo.lock = held = HeldLock(repo.lock)
@@ -220,12 +286,20 @@ def serve(root: Path, parent: int) -> int:
         answers.write(json.dumps({"ok": False, "kind": "busy", "error": DVC_BUSY_MESSAGE}) + "\n")
         return 1
     answers.write('{"ok": true}\n')
+    snapshot, touched = Snapshot(root, root / ".tlp" / "rollback"), set()
+
+    def reproduce(stage: str, result: Path) -> dict[str, Any]:
+        touched.add(stage)
+        return _reproduce(repo, stage, result)
+
     with tempfile.TemporaryDirectory(prefix="tlp-stage-") as scratch:
         handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "pipeline": lambda _: read_pipeline(repo).to_json(),
-            "reproduce": lambda r: _reproduce(repo, r["stage"], Path(scratch) / "result.json"),
+            "snapshot": lambda _: snapshot.take(_uncached_outs(repo)),
+            "reproduce": lambda r: reproduce(r["stage"], Path(scratch) / "result.json"),
             "checkout": lambda r: repo.checkout(targets=[r["stage"]], force=True) and None,
-            "save": lambda r: _save(repo, held, r["name"]),
+            "rollback": lambda _: snapshot.restore(repo, touched),
+            "save": lambda r: _save(repo, held, r["name"], r.get("message")),
         }
         for line in sys.stdin:
             request = json.loads(line)
@@ -238,10 +312,17 @@ def serve(root: Path, parent: int) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             answers.write(json.dumps(answer) + "\n")
+    snapshot.discard()
     if repo.lock is held:
         repo.lock = held.release()
     repo.close()
     return 0
+
+
+def _uncached_outs(repo: Any) -> list[str]:
+    """The outputs of the pipeline's stages that DVC does not cache (metrics, plots...)."""
+    return [out.def_path for stage in repo.index.stages for out in stage.outs
+            if not out.use_cache]  # fmt: skip
 
 
 def _reproduce(repo: Any, stage: str, result_file: Path) -> dict[str, Any]:
@@ -261,7 +342,7 @@ def _reproduce(repo: Any, stage: str, result_file: Path) -> dict[str, Any]:
     return {"outcome": "restored" if done else "cached"}
 
 
-def _save(repo: Any, held: HeldLock, name: str) -> str:
+def _save(repo: Any, held: HeldLock, name: str, message: str | None) -> str:
     from dvc.exceptions import DvcException
     from dvc.scm import NoSCM
 
@@ -273,14 +354,33 @@ def _save(repo: Any, held: HeldLock, name: str) -> str:
                and not o.use_cache and o.exists]  # fmt: skip
     repo.lock = held.release()  # exp save's own Repo takes the lock itself
     try:
-        rev = repo.experiments.save(name=name, include_untracked=include)
+        rev = repo.experiments.save(name=name, include_untracked=include, message=message)
     except DvcException:  # the name is taken or not a valid git ref: let DVC pick one
-        rev = repo.experiments.save(include_untracked=include)
+        rev = repo.experiments.save(include_untracked=include, message=message)
     return repo.experiments.get_exact_name([rev])[rev] or rev[:7]
 
 
 def _text(exc: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # DVC colours its links even in pipes
+
+
+def _stop_stage(signum: int, frame: Any) -> None:
+    """SIGINT to the stage command (its ``atomic_path`` blocks clean up), SIGKILL after a grace."""
+    import psutil
+
+    stage = psutil.Process().children(recursive=True)
+    for process in stage:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signal.SIGINT)
+
+    def kill() -> None:  # no waiting here: DVC itself must reap its command, for its status
+        for process in stage:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+    timer = threading.Timer(STAGE_GRACE_S, kill)
+    timer.daemon = True
+    timer.start()
 
 
 def _stop_group(signum: int, frame: Any) -> None:

@@ -11,8 +11,10 @@ dashboard, per-stage states, logs and artifacts. Run it with ``tlp run``, serve 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import Task, flow, get_run_logger, task
@@ -30,9 +32,11 @@ from prefect.utilities.annotations import quote
 from flows import reports
 from flows.dvc_worker import DvcWorker
 from flows.locking import workspace_lock
+from flows.logs import CONSOLE
 from flows.reports import StageOutcome
+from flows.runs import run_message
 from flows.stages import DvcBusyError, Pipeline, StageFailedError, TransientStageError, run_reason
-from flows.workspace import overrides_applied, project_root, validate_overrides
+from flows.workspace import overrides_applied, preflight, project_root
 from tasks.common import read_json
 from tasks.params import load_params
 
@@ -81,7 +85,11 @@ def bring_stage_up_to_date(dvc: DvcWorker, stage: str, step: str, reason: str) -
         return Completed(name="Cached", message="up to date, not run", data=outcome)
     logger.info("[%s] %s: running, because %s", step, stage, reason)
     started = time.perf_counter()
-    done = dvc.reproduce(stage, emit=logger.info)
+    try:
+        done = dvc.reproduce(stage, emit=logger.info)
+    except StageFailedError as exc:  # for the dashboard; tlp run prints it at the end
+        logger.error("[%s] %s failed: %s", step, stage, exc.error, extra={CONSOLE: False})
+        raise
     seconds = round(time.perf_counter() - started, 1)
     logger.info("[%s] %s: %s in %.1fs", step, stage, "done" if done == "ran" else done, seconds)
     name, message, why = (text.format(reason=reason) for text in AFTER_REPRO[done])
@@ -105,33 +113,34 @@ def pipeline(
         overrides: params to change for this run, as dotted keys, e.g.
             ``{"train.epochs": 5, "backbone.arch": "mobilenet_v2"}``. They are validated
             before any stage runs and written to ``params.yaml``, so ``dvc repro``
-            reproduces the run later; a failed run puts ``params.yaml`` back.
+            reproduces the run later; a failed or interrupted run puts ``params.yaml``,
+            ``dvc.lock`` and the outputs back as they were.
         save_experiment: record the run as a DVC experiment (``dvc exp save``) when a
             stage ran, so ``dvc exp show`` compares runs side by side.
 
     Returns:
         Each stage's outcome (``ran``, ``cached``, ``restored``), in pipeline order.
     """
-    logger = get_run_logger()
+    logger, started = get_run_logger(), time.perf_counter()
     root = project_root(os.environ.get("TLP_PROJECT_DIR"))
     run_name = flow_run.get_name()
     outcomes: list[StageOutcome] = []
     experiment = "none"
     with workspace_lock(root, f"flow run {run_name!r}"):
-        changes = validate_overrides(root, overrides)
+        changes = preflight(root, overrides)  # the params and the files they name
         if changes:
             logger.info("params overrides for this run: %s", changes)
         with DvcWorker(root, emit=logger.info) as dvc:  # holds DVC's lock from here on
+            dvc.snapshot()
             try:
-                with overrides_applied(root, changes):  # put back if a stage fails
+                # A failed stage, Ctrl-C or SIGTERM: everything is put back as before the run.
+                with rolled_back_on_failure(dvc), overrides_applied(root, changes):
                     plan = dvc.pipeline()
                     logger.info("pipeline from dvc.yaml: %s", " -> ".join(plan.names))
                     bring_up_to_date(dvc, plan, outcomes)
                 if save_experiment:
-                    experiment = record_run(dvc, outcomes, run_name)
-            except StageFailedError as exc:
-                restore_outputs(dvc, exc.stage)
-                raise
+                    seconds = time.perf_counter() - started
+                    experiment = record_run(dvc, outcomes, run_name, seconds)
             finally:
                 ran = sum(o.outcome == "ran" for o in outcomes)
                 create_table_artifact(
@@ -187,24 +196,36 @@ def _flow_error(stage: str, error: Any) -> Exception:
     return StageFailedError(stage, str(error))
 
 
-def restore_outputs(dvc: DvcWorker, stage: str) -> None:
-    """Put a failed stage's previous outputs back (``dvc checkout``): DVC deleted them
-    before running it. Best effort: a stage that never succeeded has nothing to restore."""
+@contextlib.contextmanager
+def rolled_back_on_failure(dvc: DvcWorker) -> Iterator[None]:
+    """If the block raises (a failed stage, Ctrl-C, SIGTERM), stop the stage that runs and
+    put ``dvc.lock`` and the outputs of every stage the run reproduced back as they were
+    (:mod:`flows.rollback`). What the run computed stays in DVC's cache, so a retry with
+    the same params restores it instead of running it again."""
     try:
-        dvc.checkout(stage)
-    except RuntimeError as exc:
-        get_run_logger().warning("could not restore the outputs of %s: %s", stage, exc)
-    else:
-        get_run_logger().info("restored the previous outputs of %s from the DVC cache", stage)
+        yield
+    except BaseException:
+        logger = get_run_logger()
+        try:
+            lost = dvc.roll_back()
+        except (RuntimeError, OSError) as exc:  # the worker did not answer, or is gone
+            logger.warning("could not put the workspace back: %s; see `dvc status`", exc)
+        else:
+            if lost:
+                logger.warning("not in the DVC cache, so not put back: %s", ", ".join(lost))
+            logger.info("put params.yaml, dvc.lock and the outputs back as before the run")
+        raise
 
 
-def record_run(dvc: DvcWorker, outcomes: list[StageOutcome], name: str) -> str:
-    """Save the run as a DVC experiment if a stage ran; return its name or why not."""
+def record_run(dvc: DvcWorker, outcomes: list[StageOutcome], name: str, seconds: float) -> str:
+    """Save the run as a DVC experiment if a stage ran (its duration in the commit message,
+    for ``tlp runs``); return its name or why not."""
     logger = get_run_logger()
-    if not any(o.outcome in ("ran", "restored") for o in outcomes):
+    ran = [o.stage for o in outcomes if o.outcome in ("ran", "restored")]
+    if not ran:
         return "not saved: nothing ran, the results are those of the previous run"
     try:
-        name = dvc.save_experiment(name)
+        name = dvc.save_experiment(name, run_message(name, seconds, ran))
     except RuntimeError as exc:
         logger.warning("not saved as a DVC experiment: %s; the run itself succeeded", exc)
         return f"not saved: {exc}"

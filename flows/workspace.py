@@ -1,10 +1,11 @@
 """The project on disk: where its root is, and params overrides written into ``params.yaml``.
 
-Overrides (``tlp run -S``) and presets (partial params files in ``presets/``, ``tlp preset``)
-are validated with the stages' own parser (:mod:`tasks.params`) before anything is written,
-then written into ``params.yaml`` (like ``dvc exp run --set-param``), comments and key order
-kept: ``dvc repro`` reproduces the run later, ``git diff params.yaml`` shows what changed.
-This module imports neither Prefect nor DVC, so the command line stays fast.
+Overrides (``tlp run -S``) and presets (:mod:`flows.presets`) are validated with the
+stages' own parser (:mod:`tasks.params`) before anything is written, then written into
+``params.yaml`` (like ``dvc exp run --set-param``), comments and key order kept: ``dvc
+repro`` reproduces the run later, ``git diff params.yaml`` shows what changed.
+:func:`preflight` checks a run's params and the files they name before it starts. This
+module imports neither Prefect nor DVC, so the command line stays fast.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from tasks.checks import check_params
 from tasks.common import atomic_path
 from tasks.params import ParamsError, apply_overrides, parse_params, parse_yaml, read_yaml
 
 MAX_VALUE_CHARS = 4096  # one -S value; a params value is never near this
 PARAMS_FILE = "params.yaml"
-PRESETS_DIR = "presets"
+WEIGHTS_DEP = "${backbone.weights}"  # dvc.yaml: the backbone stage's weights file dependency
 
 
 class NotAProjectError(RuntimeError):
@@ -87,6 +89,35 @@ def validate_overrides(root: Path, overrides: Mapping[str, Any] | None) -> dict[
     return {key: lookup(parsed, key) for key in overrides}
 
 
+def preflight(root: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Check ``params.yaml`` with the overrides, and the files they name, before a run.
+
+    Everything that can be checked without the data (keys, types, the backbone against the
+    image size, URL syntax: :func:`tasks.checks.check_params`), plus that a weights file or
+    a local ``fetch.source`` exists. ``tlp run`` calls it before it starts Prefect, and the
+    flow before its first stage. Nothing is written.
+
+    Returns:
+        The overrides with normalised values, as :func:`validate_overrides` returns them.
+
+    Raises:
+        ParamsError: naming every problem and its fix.
+    """
+    params = parse_params(apply_overrides(read_yaml(root / PARAMS_FILE), dict(overrides or {})))
+    check_params(params, weights_folder(root), root)
+    parsed = params.model_dump(mode="json")
+    return {key: lookup(parsed, key) for key in overrides or {}}
+
+
+def weights_folder(root: Path) -> Path | None:
+    """The folder ``dvc.yaml`` takes ``backbone.weights`` files from (``data/weights``)."""
+    for stage in read_yaml(root / "dvc.yaml").get("stages", {}).values():
+        for dep in stage.get("deps", []) if isinstance(stage, dict) else []:
+            if isinstance(dep, str) and dep.endswith(WEIGHTS_DEP):
+                return root / dep.removesuffix(WEIGHTS_DEP)
+    return None
+
+
 @contextlib.contextmanager
 def overrides_applied(root: Path, overrides: Mapping[str, Any]) -> Iterator[None]:
     """Write validated overrides into ``params.yaml`` for the block; undo them if it fails.
@@ -101,39 +132,20 @@ def overrides_applied(root: Path, overrides: Mapping[str, Any]) -> Iterator[None
         yield
     except BaseException:
         if overrides:
-            _write(path, original)
+            write_text(path, original)
         raise
 
 
-def presets(root: Path) -> list[str]:
-    """Names of the presets in ``root/presets``."""
-    return sorted(path.stem for path in (root / PRESETS_DIR).glob("*.yaml"))
-
-
-def apply_preset(root: Path, name: str) -> dict[str, Any]:
-    """Write a preset (a name in ``presets/``, or a YAML file) into ``params.yaml``.
-
-    Returns:
-        The values written, as dotted keys.
-
-    Raises:
-        ParamsError: no such preset (the message lists them), or a value is invalid
-            (then nothing is written).
-    """
-    is_file = name.endswith((".yaml", ".yml"))
-    path = Path(name) if is_file else root / PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ParamsError(f"unknown preset {name!r}; available: {', '.join(presets(root))}")
-    changes = validate_overrides(root, dotted_keys(read_yaml(path)))
-    write_overrides(root, changes)
-    return changes
-
-
 def write_overrides(root: Path, overrides: Mapping[str, Any]) -> None:
-    """Write validated overrides into ``params.yaml``, keeping comments, order and quoting
-    (a ruamel round-trip: DVC's YAML library)."""
-    if not overrides:
-        return
+    """Write validated overrides into ``params.yaml`` (see :func:`render_overrides`)."""
+    if overrides:
+        path = root / PARAMS_FILE
+        write_text(path, render_overrides(path.read_text(encoding="utf-8"), overrides))
+
+
+def render_overrides(text: str, overrides: Mapping[str, Any]) -> str:
+    """``params.yaml``'s text with the overrides' values in place: comments, order and
+    quoting kept (a ruamel round-trip: DVC's YAML library)."""
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedSeq
     from ruamel.yaml.representer import RoundTripRepresenter
@@ -149,8 +161,7 @@ def write_overrides(root: Path, overrides: Mapping[str, Any]) -> None:
     round_trip.Representer = Representer
     round_trip.preserve_quotes = True
     round_trip.width = 4096  # never re-wrap long lines
-    path = root / PARAMS_FILE
-    data = round_trip.load(path.read_text(encoding="utf-8"))
+    data = round_trip.load(text)
     for dotted, value in overrides.items():
         *sections, key = dotted.split(".")
         node = data
@@ -162,10 +173,11 @@ def write_overrides(root: Path, overrides: Mapping[str, Any]) -> None:
         node[key] = value
     stream = io.StringIO()
     round_trip.dump(data, stream)
-    _write(path, stream.getvalue())
+    return stream.getvalue()
 
 
-def _write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Replace a file's text atomically, keeping its permissions."""
     mode = path.stat().st_mode
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -8,98 +8,14 @@ CNN. The saved model takes raw RGB pixels (0..255) and returns a feature map.
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.archs import ARCHS, SIMPLE_CNN, resolve_arch
+from tasks.checks import check_backbone
 from tasks.common import log, run_stage, save_model, sha256_file, write_json
 from tasks.params import BackboneParams, SimpleCnnParams, load_params
-
-
-@dataclass(frozen=True)
-class Arch:
-    """How to build one ``keras.applications`` model."""
-
-    constructor: str
-    preprocessing: str
-    min_size: int = 32
-
-
-def _family(prefix: str, names: dict[str, str], preprocessing: str, min_size: int = 32) -> dict:
-    return {f"{prefix}{key}": Arch(value, preprocessing, min_size) for key, value in names.items()}
-
-
-ARCHS: dict[str, Arch] = {
-    "vgg16": Arch("VGG16", "caffe"),
-    "vgg19": Arch("VGG19", "caffe"),
-    **_family("resnet", {"50": "ResNet50", "101": "ResNet101", "152": "ResNet152"}, "caffe"),
-    **_family(
-        "resnet", {"50_v2": "ResNet50V2", "101_v2": "ResNet101V2", "152_v2": "ResNet152V2"}, "tf"
-    ),
-    "mobilenet": Arch("MobileNet", "tf"),
-    "mobilenet_v2": Arch("MobileNetV2", "tf"),
-    "mobilenet_v3_small": Arch("MobileNetV3Small", "raw"),
-    "mobilenet_v3_large": Arch("MobileNetV3Large", "raw"),
-    **_family("efficientnet_b", {str(i): f"EfficientNetB{i}" for i in range(8)}, "raw"),
-    **_family(
-        "efficientnet_v2_",
-        {
-            **{f"b{i}": f"EfficientNetV2B{i}" for i in range(4)},
-            "s": "EfficientNetV2S",
-            "m": "EfficientNetV2M",
-            "l": "EfficientNetV2L",
-        },
-        "raw",
-    ),
-    **_family("densenet", {n: f"DenseNet{n}" for n in ("121", "169", "201")}, "torch"),
-    **_family(
-        "convnext_",
-        {
-            "tiny": "ConvNeXtTiny",
-            "small": "ConvNeXtSmall",
-            "base": "ConvNeXtBase",
-            "large": "ConvNeXtLarge",
-            "xlarge": "ConvNeXtXLarge",
-        },
-        "raw",
-    ),
-    "inception_v3": Arch("InceptionV3", "tf", 75),
-    "inception_resnet_v2": Arch("InceptionResNetV2", "tf", 75),
-    "xception": Arch("Xception", "tf", 71),
-    "nasnet_mobile": Arch("NASNetMobile", "tf"),
-    "nasnet_large": Arch("NASNetLarge", "tf"),
-}
-SIMPLE_CNN = "simple_cnn"
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-_BY_KEY = {_key(name): name for name in ARCHS} | {_key(a.constructor): n for n, a in ARCHS.items()}
-
-
-def allowed_archs() -> list[str]:
-    """The names ``backbone.arch`` accepts."""
-    return [SIMPLE_CNN, *sorted(ARCHS)]
-
-
-def resolve_arch(name: str) -> str:
-    """Canonical arch name for ``name`` (``MobileNetV2`` → ``mobilenet_v2``).
-
-    Raises:
-        ValueError: for an unknown arch, listing the allowed names.
-    """
-    if _key(name) == _key(SIMPLE_CNN):
-        return SIMPLE_CNN
-    canonical = _BY_KEY.get(_key(name))
-    if canonical is None:
-        raise ValueError(
-            f"backbone.arch {name!r} is not a known architecture; allowed: "
-            f"{', '.join(allowed_archs())}"
-        )
-    return canonical
 
 
 @dataclass(frozen=True)
@@ -187,28 +103,15 @@ def build_backbone(
     Raises:
         ValueError: unknown arch, bad weights, or an input size the arch cannot take.
     """
-    # Everything that can be checked without TensorFlow is checked first: a typo fails in a
-    # second, and an unsafe weights file is refused before any Keras loader sees it.
+    # Everything that can be checked without TensorFlow is checked first, as `tlp run` does
+    # before it starts: a typo fails in a second, and an unsafe weights file is refused
+    # before any Keras loader sees it.
+    check_backbone(params, image_size, weights_dir)
     arch = resolve_arch(params.arch)
-    weights = params.weights
-    height, width = image_size
-    weights_sha = None
-    if arch == SIMPLE_CNN:
-        if weights != "none":
-            raise ValueError(
-                "backbone.weights must be 'none' for simple_cnn (it is trained from scratch); "
-                f"got {weights!r}"
-            )
-    else:
-        spec = ARCHS[arch]
-        if min(height, width) < spec.min_size:
-            raise ValueError(
-                f"{arch} needs images of at least {spec.min_size}x{spec.min_size}; "
-                f"prepare.image_size is {list(image_size)}. Raise prepare.image_size."
-            )
-        if weights not in ("imagenet", "none"):
-            weights_file = _weights_file(weights, weights_dir)
-            weights_sha = sha256_file(weights_file)
+    weights, (height, width), weights_sha = params.weights, image_size, None
+    if arch != SIMPLE_CNN and weights not in ("imagenet", "none"):
+        weights_file = _weights_file(weights, weights_dir)
+        weights_sha = sha256_file(weights_file)
 
     import keras
 
@@ -227,6 +130,7 @@ def build_backbone(
             keras_weights, pretrained = None, False
         else:
             keras_weights, pretrained = str(weights_file), True
+        spec = ARCHS[arch]
         constructor = getattr(keras.applications, spec.constructor)
         try:
             base = constructor(

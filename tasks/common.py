@@ -194,7 +194,8 @@ def sha256_file(path: str | Path) -> str:
 EXIT_OK = 0
 EXIT_FAILED = 1  # the stage cannot go on with these inputs or params; retrying will not help
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL (sysexits.h): a passing failure (network); retry later
-# Stopped by SIGINT (Ctrl-C) or SIGTERM: 128 + the signal number (130, 143), as shells report.
+# Stopped by SIGINT (Ctrl-C, or `tlp run` stopping) or SIGTERM: 128 + the signal number
+# (130, 143), as shells report.
 EXIT_INTERRUPTED = 128
 # When set, the stage writes {"stage", "exit_code", "error"} as JSON to this path before it
 # exits: how the flow learns that the command ran and how it ended (DVC's Python API does not
@@ -213,8 +214,9 @@ class TransientError(StageError):
 def run_stage(name: str, body: Callable[[], Any]) -> int:
     """Run a stage's ``main`` body, turning expected errors into one clear line and exit 1.
 
-    When ``$TLP_STAGE_RESULT`` names a file, the outcome is also written there as JSON
-    (``{"stage", "exit_code", "error"}``), also for an unexpected exception, which is then
+    The error is printed once, as ``ERROR: <stage>: <message>``. When ``$TLP_STAGE_RESULT``
+    names a file, the outcome is written there as JSON instead (``{"stage", "exit_code",
+    "error"}``), for the runner to report; also for an unexpected exception, which is then
     raised again for its traceback. SIGINT (Ctrl-C) and SIGTERM stop the body the same way
     (``KeyboardInterrupt``: temporary files are removed on the way out, complete ones kept)
     and end in one line, no traceback, and exit code 128 + the signal number.
@@ -235,24 +237,23 @@ def run_stage(name: str, body: Callable[[], Any]) -> int:
     try:
         body()
     except (StageError, ParamsError, ValueError, OSError) as exc:
-        log.error("%s failed: %s", name, exc)
-        print(f"ERROR: {name}: {exc}", file=sys.stderr)
         code = EXIT_TRANSIENT if isinstance(exc, TransientError) else EXIT_FAILED
         error = str(exc)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # its atomic_path blocks have removed their temporaries
         number = received[0] if received else signal.SIGINT
+        code = EXIT_INTERRUPTED + number
         error = (
             f"stopped by {signal.Signals(number).name}; the files it wrote are complete ones "
             "only (the train stage's backup included): run it again to go on"
         )
-        print(f"ERROR: {name}: {error}", file=sys.stderr)
-        code = EXIT_INTERRUPTED + number
     except BaseException as exc:
         _write_result(name, EXIT_FAILED, f"{type(exc).__name__}: {exc}")
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if code and not os.environ.get(RESULT_ENV):  # else whoever asked for the result reports it
+        print(f"ERROR: {name}: {error}", file=sys.stderr)
     _write_result(name, code, error)
     return code
 

@@ -30,6 +30,20 @@ from tasks.onnx_io import cpu_session, keras_to_onnx
 EXTRACT_BATCH = 16  # the fastest VGG16/MobileNetV2 batch on CPU here; features don't depend on it
 FEATURE_OPSET = 17  # the extractor never leaves this process; any opset tf2onnx handles
 SPLITS = ("train", "val")
+# The folder is a DVC output, and DVC warns about an empty one on every run that uses no
+# cache (a backbone trained from scratch): this note keeps it from being empty.
+NOTE = "README.txt"
+NOTE_TEXT = (
+    "Backbone features cached by the train stage (tasks/features.py), one folder per\n"
+    "backbone, data, pooling and engine; only the latest is kept. Safe to delete.\n"
+)
+
+
+def open_cache(folder: Path) -> None:
+    """Create the cache folder (``--features``) with its note, if they are not there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / NOTE).exists():
+        (folder / NOTE).write_text(NOTE_TEXT, encoding="utf-8")
 
 
 def cache_key(backbone_file: Path, prepared: Prepared, pooling: str, engine: str) -> str:
@@ -79,7 +93,10 @@ def cached_features(
     )
     if folder.exists():
         for old in folder.iterdir():
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            elif old.name != NOTE:
+                old.unlink()
     with atomic_path(target, directory=True) as tmp:
         for split, array in features.items():
             np.save(tmp / f"{split}.npy", array)

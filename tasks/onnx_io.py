@@ -7,6 +7,11 @@ export stage converts the whole classifier to ship it. Both go through :func:`ke
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -34,12 +39,42 @@ def keras_to_onnx(
     def serve(tensor):
         return {output_name: model(tensor, training=False)}
 
-    proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
+    with native_stderr_hidden():
+        proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
     for value in (*proto.graph.input, *proto.graph.output):
         dim = value.type.tensor_type.shape.dim[0]
         dim.ClearField("dim_value")
         dim.dim_param = "batch"
     return proto
+
+
+@contextlib.contextmanager
+def native_stderr_hidden() -> Iterator[None]:
+    """Keep what is written to file descriptor 2 during the block, and show it only if the
+    block fails (or with ``TLP_VERBOSE=1``).
+
+    tf2onnx runs TensorFlow's graph optimiser, whose native log lines ("I0000 ...
+    devices.cc:76] Number of eligible GPUs", absl's "All log messages before
+    absl::InitializeLog()") ignore ``TF_CPP_MIN_LOG_LEVEL``.
+    """
+    if os.environ.get("TLP_VERBOSE") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as kept:
+        os.dup2(kept.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            kept.seek(0)
+            sys.stderr.write(kept.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def cpu_session(model):

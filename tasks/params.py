@@ -1,8 +1,8 @@
 """Typed pipeline parameters: ``params.yaml`` parsed once, at the edge.
 
-Every stage reads its own section (stage name = module name = section name).
-Unknown keys and wrong types fail with :class:`ParamsError`, whose message
-names the key, what was given and what is allowed.
+Every stage reads its own section (stage name = module name = section name). Unknown keys,
+wrong types and sections that contradict each other (:mod:`tasks.checks`) fail with
+:class:`ParamsError`, whose message names the key, what was given and what is allowed.
 
 The shipped ``params.yaml`` is the one place defaults live: every key is required here, so
 what DVC tracks (the keys in ``params.yaml``) is all a stage reads, and no default hides in
@@ -312,11 +312,15 @@ def parse_params(raw: dict[str, Any] | None) -> Params:
         ParamsError: naming every bad key, what was given and what is allowed.
     """
     try:
-        return Params.model_validate(raw or {})
+        params = Params.model_validate(raw or {})
     except ValidationError as exc:
         raise ParamsError(
             f"invalid params: {_problems(exc)}. Fix params.yaml or the override."
         ) from None
+    from tasks.checks import check_params  # it imports this module
+
+    check_params(params)  # the sections against each other: arch, image size, URL
+    return params
 
 
 def _problems(exc: ValidationError) -> str:
@@ -416,15 +420,8 @@ def parse_yaml(text: str, where: str) -> Any:
 def load_params(
     path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
 ) -> Params:
-    """Read, override and validate ``params.yaml``.
-
-    Args:
-        path: the params file.
-        overrides: dotted keys to replace, e.g. ``{"train.epochs": 5}``.
-
-    Returns:
-        The typed parameters.
-    """
+    """Read ``path``, apply ``overrides`` (dotted keys: ``{"train.epochs": 5}``), validate;
+    return the typed parameters (:func:`parse_params`)."""
     return parse_params(apply_overrides(read_yaml(path), overrides))
 
 

@@ -59,7 +59,7 @@ from tasks.common import (
     write_json,
 )
 from tasks.dataset import EpochClock, Prepared
-from tasks.features import cache_key, cached_features
+from tasks.features import cache_key, cached_features, open_cache
 from tasks.network import (
     apply,
     augmentation,
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone = load_model_safely(args.backbone, compile=False)
         paths = TrainPaths(model=args.model, backup=args.backup, features=args.features)
         if args.features is not None:
-            args.features.mkdir(parents=True, exist_ok=True)
+            open_cache(args.features)
         result = train(params.train, backbone, backbone_info, prepared, paths, args.backbone)
         save_model(result.model, args.model)
         summary = summarize(result, params.train.monitor, prepared.count("train"))

@@ -16,13 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.backbone import (
-    ARCHS,
-    SIMPLE_CNN,
-    allowed_archs,
-    build_backbone,
-    resolve_arch,
-)
+from tasks.archs import ARCHS, SIMPLE_CNN, allowed_archs, resolve_arch, simple_cnn_output
+from tasks.backbone import _simple_cnn, build_backbone
 from tasks.common import save_model, sha256_file
 from tasks.layers import Preprocess
 from tasks.params import ParamsError, read_yaml, with_changes
@@ -96,6 +91,25 @@ def test_input_size_the_arch_cannot_take_is_an_error_naming_the_minimum(arch, si
     assert expected in str(caught.value)
 
 
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize(("kernel", "stride", "pool"), [(3, 1, 2), (5, 2, 1), (3, 3, 3), (7, 4, 4)])
+def test_simple_cnn_size_arithmetic_matches_keras(padding, kernel, stride, pool):
+    """tasks.archs predicts what Keras builds, so the check before any run agrees with it."""
+    for side in (8, 9, 13, 16, 31):
+        params = with_changes(
+            PARAMS.backbone,
+            simple_cnn={"filters": (2, 2), "kernel_size": kernel, "strides": stride,
+                        "padding": padding, "pool_size": pool},
+        )  # fmt: skip
+        predicted = simple_cnn_output((side, side + 3), 2, kernel, stride, padding, pool)
+        if min(predicted) < 1:  # Keras refuses it too (the check comes first in the stage)
+            with pytest.raises(ValueError, match="too small for 2 conv blocks"):
+                _simple_cnn(params.simple_cnn, (side, side + 3))
+        else:
+            model = _simple_cnn(params.simple_cnn, (side, side + 3))
+            assert tuple(model.output.shape[1:3]) == predicted, (side, predicted)
+
+
 def test_simple_cnn_too_deep_for_the_image_is_an_error():
     params = with_changes(PARAMS.backbone, simple_cnn={"filters": (4, 4, 4, 4), "padding": "valid"})
     with pytest.raises(ValueError, match="too small for 4 conv blocks"):
@@ -130,7 +144,7 @@ def test_unknown_arch_through_the_cli_fails_and_keeps_the_previous_backbone(tmp_
     )  # fmt: skip
 
     assert result.returncode == 1
-    assert "ERROR: backbone: backbone.arch 'mobilenet_v9' is not a known architecture" in (
+    assert "ERROR: backbone: invalid params: backbone.arch 'mobilenet_v9' is not a known " in (
         result.stderr
     )
     assert "mobilenet_v2" in result.stderr.splitlines()[-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,8 @@ import yaml
 
 from flows.locking import WorkspaceBusyError, current_holder, workspace_lock
 from flows.workspace import (
+    dotted_keys,
+    lookup,
     overrides_applied,
     parse_set_options,
     project_root,
@@ -196,7 +199,13 @@ def test_workspace_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
 
 
 def test_preset_lists_writes_and_refuses_unknown_names(project):
-    assert "mnist" in tlp(project, "preset").stdout.split()
+    listed = dict(
+        line.split(maxsplit=1) for line in tlp(project, "preset", "--list").stdout.splitlines()
+    )
+    assert set(listed) == {p.stem for p in (ROOT / "presets").glob("*.yaml")}
+    assert listed["mnist"].startswith("MNIST: 70,000 28x28 handwritten digits")
+    assert "shipped params.yaml, byte for byte" in listed["default"]
+    assert tlp(project, "preset").stdout == tlp(project, "preset", "--list").stdout
     unknown = tlp(project, "preset", "nope", check=False)
     assert unknown.returncode == 1 and "unknown preset 'nope'; available: " in unknown.stderr
 
@@ -205,3 +214,77 @@ def test_preset_lists_writes_and_refuses_unknown_names(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["fetch"]["source"] == preset["fetch"]["source"]
     assert run(["git", "diff", "--stat"], project).stdout.strip().startswith("params.yaml")
+
+
+def test_preset_changes_only_its_keys_in_place_and_default_restores_the_shipped_file(project):
+    shipped = (ROOT / "params.yaml").read_bytes()
+    (project / "params.yaml").write_bytes(shipped)  # with its comments (make_project drops them)
+    preset = yaml.safe_load((ROOT / "presets/fashion-mnist.yaml").read_text())
+
+    dry = tlp(project, "preset", "fashion-mnist", "--dry-run").stdout
+    assert (project / "params.yaml").read_bytes() == shipped  # nothing written
+    assert {"-  epochs: 12", "+  epochs: 8"} <= set(dry.splitlines())  # the diff it would write
+
+    tlp(project, "preset", "fashion-mnist")
+    text = (project / "params.yaml").read_text()
+    written = yaml.safe_load(text)
+    for key, value in dotted_keys(preset).items():
+        assert lookup(written, key) == value, key
+    shipped_lines = shipped.decode().splitlines()
+    changed = {key for key in dotted_keys(yaml.safe_load(shipped))
+               if lookup(written, key) != lookup(yaml.safe_load(shipped), key)}  # fmt: skip
+    assert changed <= set(dotted_keys(preset))  # only the preset's keys changed
+    comments = [line.split("#", 1)[1] for line in shipped_lines if "#" in line]
+    assert all(comment in text for comment in comments)  # every comment kept
+    assert len(text.splitlines()) == len(shipped_lines)  # in place: same lines, same order
+    keys = [line.split(":")[0] for line in text.splitlines() if ":" in line and "#" not in line[:2]]
+    assert keys == [
+        line.split(":")[0] for line in shipped_lines if ":" in line and "#" not in line[:2]
+    ]
+
+    after_mnist = tlp(project, "preset", "mnist").stdout  # leaves fashion-mnist's dropout
+    assert "train.dropout: 0.3 (default 0.2)" in after_mnist
+    tlp(project, "preset", "default")
+    assert (project / "params.yaml").read_bytes() == shipped  # byte for byte
+
+
+RUN_IN_PROCESS = textwrap.dedent(
+    """
+    import sys, time
+    import flows.cli
+    started = time.monotonic()
+    code = flows.cli.main(["run", *sys.argv[1:]])
+    heavy = [m for m in ("prefect", "dvc", "tensorflow") if m in sys.modules]
+    print(f"exit {code} heavy {heavy} seconds {time.monotonic() - started:.2f}")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("backbone.arch=resnet5", "backbone.arch 'resnet5' is not a known architecture; allowed: "),
+        ("train.epoch=5", "unknown key train.epoch (allowed: "),
+        ("backbone.weights=mine.h5", "is not 'imagenet', 'none' or a weights file in"),
+        ("fetch.source=photos/", "fetch.source 'photos/' does not exist"),
+        ("fetch.source=htps://example.org/x.tgz", "unsupported URL scheme 'htps'"),
+    ],
+)
+def test_run_refuses_bad_params_before_any_server_or_stage_starts(project, override, expected):
+    if override.startswith("backbone.weights"):  # a weights file needs a pretrained arch
+        set_params(project, {"backbone": {"arch": "vgg16"}, "prepare": {"image_size": [32, 32]}})
+    params = (project / "params.yaml").read_bytes()
+    result = run([sys.executable, "-c", RUN_IN_PROCESS, "-S", override], project, check=False,
+                 env={"PYTHONPATH": str(ROOT), "PREFECT_API_URL": ""})  # fmt: skip
+
+    assert expected in result.stderr, result.stderr
+    assert result.stderr.startswith("ERROR: invalid params: ")
+    if "allowed: " in expected:
+        assert "mobilenet_v2" in result.stderr or "epochs" in result.stderr  # the allowed ones
+    code, heavy, seconds = re.search(r"exit (\d+) heavy (.*) seconds (.*)", result.stdout).groups()
+    assert code == "1"
+    assert heavy == "[]"  # no Prefect (so no server, no flow run), no DVC, no TensorFlow
+    assert float(seconds) < 30  # a guard only: starting a Prefect server takes longer
+    assert not (project / ".tlp" / "prefect").exists()
+    assert (project / "params.yaml").read_bytes() == params
+    assert not (project / "dvc.lock").exists()  # no stage ran

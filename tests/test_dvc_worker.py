@@ -162,3 +162,125 @@ def test_the_worker_and_the_stage_command_die_with_the_flow(toy):
     assert len(below) >= 2, below
     wait_for(lambda: all(reaped(pid) for pid in below), 60, "the worker and the stage to exit")
     assert not (toy / "out.txt").exists()  # the stage never finished
+
+
+# -- putting the workspace back after a failed or interrupted run ---------------------------
+
+STEP = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from tasks.common import StageError, run_stage
+    from tasks.params import read_yaml
+
+    def body():
+        name = sys.argv[1]
+        how = read_yaml("params.yaml")[name]
+        if how == "fail":
+            raise StageError(f"{name} cannot go on; fix it")
+        if how == "wait":
+            Path("started").touch()
+            for _ in range(1200):  # at most two minutes; the test stops it long before
+                time.sleep(0.1)
+        Path("out").mkdir(exist_ok=True)
+        Path(f"out/{name}.txt").write_text(f"{name}={how}")
+        Path(f"{name}.json").write_text(json.dumps({"how": how}))
+
+    sys.exit(run_stage(sys.argv[1], body))
+    """
+)
+
+
+@pytest.fixture
+def chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A git + DVC repo with stages ``a`` -> ``b``: each writes a cached output and an
+    uncached metrics file from its params value ("fail" fails it, "wait" waits)."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    (tmp_path / "step.py").write_text(STEP)
+    stages = {
+        name: {
+            "cmd": f"python step.py {name}",
+            "deps": ["step.py", *(["out/a.txt"] if name == "b" else [])],
+            "params": [name],
+            "outs": [f"out/{name}.txt"],
+            "metrics": [{f"{name}.json": {"cache": False}}],
+        }
+        for name in ("a", "b")
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"a": "one", "b": "one"}))
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "test@example.com"],
+        ["git", "config", "user.name", "test"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["dvc", "repro", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
+        run(cmd, tmp_path)
+    return tmp_path
+
+
+def workspace(project: Path) -> dict[str, bytes]:
+    """Every file the stages and DVC write, by path."""
+    paths = ["dvc.lock", "a.json", "b.json", "out/a.txt", "out/b.txt"]
+    return {path: (project / path).read_bytes() for path in paths if (project / path).exists()}
+
+
+def test_a_failed_run_puts_back_dvc_lock_and_the_outputs_of_every_stage_it_ran(chain):
+    before = workspace(chain)
+    (chain / "params.yaml").write_text(yaml.safe_dump({"a": "two", "b": "fail"}))
+    with DvcWorker(chain, emit=print) as dvc:
+        dvc.snapshot()
+        assert dvc.reproduce("a", emit=print) == "ran"
+        with pytest.raises(StageFailedError, match="b cannot go on"):
+            dvc.reproduce("b", emit=print)
+        assert (chain / "out/a.txt").read_text() == "a=two"  # the run changed a's outputs
+        assert dvc.roll_back() == []
+    assert workspace(chain) == before  # dvc.lock, cached and uncached outputs, byte for byte
+    assert not (chain / ".tlp/rollback").exists()
+
+    (chain / "params.yaml").write_text(yaml.safe_dump({"a": "one", "b": "one"}))
+    assert run(["dvc", "status", "--json"], chain).stdout.strip() == "{}"
+    # What the failed run computed stays in DVC's run cache: a retry restores it.
+    (chain / "params.yaml").write_text(yaml.safe_dump({"a": "two", "b": "one"}))
+    with DvcWorker(chain, emit=print) as dvc:
+        assert dvc.reproduce("a", emit=print) == "restored"
+
+
+def test_a_stage_that_never_ran_before_leaves_no_output_behind(chain):
+    (chain / "dvc.lock").unlink()
+    for path in ("out/a.txt", "out/b.txt", "a.json", "b.json"):
+        (chain / path).unlink()
+    (chain / "params.yaml").write_text(yaml.safe_dump({"a": "two", "b": "fail"}))
+    with DvcWorker(chain, emit=print) as dvc:
+        dvc.snapshot()
+        dvc.reproduce("a", emit=print)
+        with pytest.raises(StageFailedError):
+            dvc.reproduce("b", emit=print)
+        dvc.roll_back()
+    assert workspace(chain) == {}
+
+
+def test_an_interrupted_run_stops_its_stage_and_puts_everything_back(chain):
+    before = workspace(chain)
+    (chain / "params.yaml").write_text(yaml.safe_dump({"a": "two", "b": "wait"}))
+
+    def interrupt_when_b_starts() -> None:  # as Ctrl-C in the terminal would, on an event
+        wait_for(lambda: (chain / "started").exists(), 120, "stage b to start")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with DvcWorker(chain, emit=print) as dvc:
+        dvc.snapshot()
+        dvc.reproduce("a", emit=print)
+        threading.Thread(target=interrupt_when_b_starts, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            dvc.reproduce("b", emit=print)  # waiting for b's answer when Ctrl-C comes
+        below = descendants(dvc._process.pid)
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in below]
+        assert [b"step.py", b"b"] in [command[1:3] for command in commands]  # b still runs
+        dvc.roll_back()
+        assert all(reaped(pid) for pid in below)  # the stage was stopped
+    assert workspace(chain) == before

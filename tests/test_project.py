@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.workspace import apply_preset, presets
+from flows.presets import DEFAULT, apply_preset, presets
 from tests.conftest import ROOT
 from tests.prefect_server import STAGES
 
@@ -66,7 +66,7 @@ def test_every_preset_applies_to_the_shipped_params_and_keeps_their_comments(nam
         copy(ROOT / file, tmp_path / file)
     original = (tmp_path / "params.yaml").read_text()
 
-    changes = apply_preset(tmp_path, name)
+    change = apply_preset(tmp_path, name)
 
     written = yaml.safe_load((tmp_path / "params.yaml").read_text())
     preset = yaml.safe_load((ROOT / "presets" / f"{name}.yaml").read_text())
@@ -74,9 +74,17 @@ def test_every_preset_applies_to_the_shipped_params_and_keeps_their_comments(nam
         for key, value in values.items():
             if not isinstance(value, dict):
                 assert written[section][key] == value, f"{section}.{key}"
-    assert changes  # validated values, as dotted keys
+    assert change.values  # validated values, as dotted keys
     comments = [line for line in original.splitlines() if line.lstrip().startswith("#")]
     assert all(line in (tmp_path / "params.yaml").read_text() for line in comments)
+
+
+def test_the_default_preset_is_the_shipped_params_byte_for_byte():
+    default = ROOT / "presets" / f"{DEFAULT}.yaml"
+    assert default.read_bytes() == (ROOT / "params.yaml").read_bytes(), (
+        "presets/default.yaml must be params.yaml byte for byte (`tlp preset default` restores "
+        "it): cp params.yaml presets/default.yaml"
+    )
 
 
 def test_a_missing_test_dependency_skips_locally_and_fails_under_ci(tmp_path):
