@@ -170,8 +170,10 @@ NOTES = {
     ),
     "int8_speedup": lambda d: (
         f"batch 32: float {d.get('median_ms', {}).get('batch_32', {}).get('float')} ms vs int8 "
-        f"{d.get('median_ms', {}).get('batch_32', {}).get('int8')} ms; at batch 32 with "
-        + ", ".join(f"{k} {v}x" for k, v in d.get("batch_32_speedup_if", {}).items())
+        f"{d.get('median_ms', {}).get('batch_32', {}).get('int8')} ms"
+        + "".join(
+            f"; {k.replace('_', ' ')}: {v}x" for k, v in d.get("batch_32_speedup_if", {}).items()
+        )
     ),
     "int8_speedup_batch1": lambda d: (
         f"batch 1: float {d.get('median_ms', {}).get('float')} ms vs int8 "
