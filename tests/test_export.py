@@ -144,6 +144,18 @@ def test_the_accuracy_gate_alone_can_fail(float_model):
     assert "int8_min_agreement" not in str(failure.value)
 
 
+def test_the_empty_placeholder_is_refused_by_predict_naming_the_setting(tmp_path, capsys):
+    placeholder = tmp_path / "models" / "model.int8.onnx"
+    placeholder.parent.mkdir()
+    placeholder.touch()
+    image = tmp_path / "red.png"
+    Image.new("RGB", (8, 8), (240, 30, 30)).save(image)
+
+    assert predict.main(["--model", str(placeholder), str(image)]) == 1
+    error = capsys.readouterr().err
+    assert f"{placeholder} is empty" in error and "export.quantize: int8" in error
+
+
 def test_accuracy_drop_is_exact_at_the_gate():
     check = quantize.Int8Check(images=100, agree=99, float_right=91, int8_right=90)
     assert check.accuracy_drop == 0.01 and check.top1_agreement == 0.99
