@@ -30,6 +30,7 @@ WORK = BENCH / "work"
 GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "head": ("bench.head", ("head_epoch_speedup", "head_total_speedup")),
     "prepare": ("bench.prepare", ("prepare_speedup", "prepare_memory_ratio")),
+    "prepare_large": ("bench.prepare_large", ("prepare_large_speedup",)),
     "predict": ("bench.predict", ("predict_cold_start_s", "predict_cold_start_speedup")),
     "peak": ("bench.peak", ("extract_peak_fraction",)),
     "noop": ("bench.noop", ("noop_rerun_ratio", "noop_rerun_ratio_embedded")),
@@ -143,6 +144,12 @@ NOTES = {
         f"peak {d.get('peak_rss_mib', {}).get('stage')} vs "
         f"{d.get('peak_rss_mib', {}).get('naive')} MiB (naive array alone: "
         f"{d.get('naive_array_mib')} MiB)"
+    ),
+    "prepare_large_speedup": lambda d: (
+        f"{d.get('images_per_s', {}).get('stage')} vs {d.get('images_per_s', {}).get('naive')} "
+        f"images/s, peak {d.get('peak_rss_mib', {}).get('stage')} vs "
+        f"{d.get('peak_rss_mib', {}).get('naive')} MiB ({d.get('source')}); noise-heavy "
+        f"JPEGs: {d.get('noisy_speedup')}x"
     ),
     "predict_cold_start_s": lambda d: (
         f"{d.get('command')}; python -m tasks.predict {_s(d.get('median_s', {}).get('module'))}"

@@ -136,12 +136,19 @@ def write_overrides(root: Path, overrides: Mapping[str, Any]) -> None:
         return
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedSeq
+    from ruamel.yaml.representer import RoundTripRepresenter
 
+    class Representer(RoundTripRepresenter):
+        """Writes ``null`` (as params.yaml does), in this writer only: ``add_representer``
+        changes the class it is called on, and DVC dumps dvc.lock with RoundTripRepresenter."""
+
+    Representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     round_trip = YAML()
+    round_trip.Representer = Representer
     round_trip.preserve_quotes = True
     round_trip.width = 4096  # never re-wrap long lines
-    null = lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")  # noqa: E731
-    round_trip.representer.add_representer(type(None), null)
     path = root / PARAMS_FILE
     data = round_trip.load(path.read_text(encoding="utf-8"))
     for dotted, value in overrides.items():

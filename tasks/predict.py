@@ -1,20 +1,32 @@
 """``tlp predict``: classify images with the exported ONNX model, without TensorFlow.
 
-Everything the model needs travels inside ``models/model.onnx`` (see :mod:`tasks.export`):
-the class names, the image size and the preprocessing (inside the graph, which takes RGB
-float32 pixels in 0..255, NHWC). Images are decoded by :func:`tasks.imaging.decode`, the
-function that built the training shards (EXIF orientation applied, any mode converted to
-RGB, resized to the model's image size by :func:`tasks.imaging.resize`), so an image gets
-the same pixels here as in ``evaluate``. Only ONNX Runtime runs the model: TensorFlow, whose import alone takes
-seconds, is never imported.
+The model (``models/model.onnx``) is checked and opened by :mod:`tasks.classifier`; only
+ONNX Runtime runs it, and TensorFlow, pandas, pyarrow and pydantic are never imported, so
+the command starts in well under a second. Images are decoded by
+:func:`tasks.imaging.decode`, the function that built the training shards, so an image gets
+the same pixels here as in ``evaluate``.
 
-Before anything runs, the model file is checked: external-data paths must stay inside the
-model's folder, and ``onnx.checker`` runs with ``full_check``.
+Inputs stream: files are listed lazily, decoded in a thread pool at most two batches ahead
+(``--batch-size``), classified a batch at a time, and each answer is written as soon as its
+batch is done. Memory depends on the batch size, not on the number of images (``--json``
+alone keeps every answer, to print one document at the end; ``--jsonl`` streams one JSON
+object per image).
 
-Exit status: 0 when at least one image was classified (unreadable images are listed with
-their reason on stderr and under ``errors`` in ``--json``); 1 when the model cannot be used
-or no image could be classified, or with ``--strict`` when any image failed; 2 for bad
-arguments.
+A folder is searched recursively for image suffixes. Only regular files are read: a FIFO,
+a device, or a symbolic link leading out of the folder is skipped with its reason, never
+opened; files are opened without following links (the folder's own links to its own files
+are resolved first), and a file larger than an image can be is refused. A file named on
+the command line is always tried, whatever its suffix, but never a FIFO or a device.
+
+With ``--min-confidence P``, an image whose best class has a probability under ``P`` is
+labelled ``other``. ``other`` is not one of the model's classes and has no probability: the
+probability shown is always the best class's, named beside it (``top_label``,
+``top_probability`` and ``below_min_confidence`` in JSON).
+
+Exit status: 0 when at least one image was classified (the others are listed with their
+reason: on stderr, under ``errors`` in ``--json``, as ``{"path", "error"}`` lines in
+``--jsonl``); 1 when the model cannot be used or no image could be classified, or with
+``--strict`` when any image failed; 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -23,24 +35,19 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 # tasks.imaging, not tasks.prepare: that one imports pandas and pydantic (~0.5 s of start-up).
-from tasks.imaging import IMAGE_SUFFIXES, Item, decode
+from tasks.classifier import Classifier, PredictError, load_classifier, probabilities
+from tasks.imaging import IMAGE_SUFFIXES, Decoded, Item, decode, decode_in_order
 
 DEFAULT_MODEL = Path("models/model.onnx")
 OTHER_LABEL = "other"
-INPUT_NAME = "pixels"  # tasks.export.INPUT_NAME (not imported: that module needs TensorFlow)
-OUTPUT_NAME = "probabilities"  # tasks.export.OUTPUT_NAME
-
-
-class PredictError(ValueError):
-    """The model cannot be used; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -56,28 +63,21 @@ class DecodeLimits:
     max_pixels: int = 100_000_000
 
 
-@dataclass(frozen=True)
-class Classifier:
-    """An ONNX model ready to run, with what its metadata says about its input."""
-
-    path: Path
-    session: object  # onnxruntime.InferenceSession
-    classes: list[str]
-    image_size: tuple[int, int]
-    preprocessing: str
-
-
 @dataclass
 class Prediction:
     """The answer for one image.
 
-    ``label`` is the top class, or ``other`` when its probability is under the requested
-    minimum confidence; ``top_k`` always lists the model's best classes, best first.
+    ``top_label`` is the model's best class and ``top_probability`` its probability.
+    ``label`` is ``top_label``, or ``other`` when ``top_probability`` is under the requested
+    minimum confidence (then ``below_min_confidence`` is true). ``top_k`` lists the model's
+    best classes, best first.
     """
 
     path: str
     label: str
-    probability: float
+    top_label: str
+    top_probability: float
+    below_min_confidence: bool
     top_k: list[dict[str, float | str]] = field(default_factory=list)
 
 
@@ -89,201 +89,69 @@ class Failure:
     reason: str
 
 
-# ---------------------------------------------------------------- loading the model
-
-
-def _tensors_of_graph(graph) -> Iterator:
-    """Every tensor stored in a graph: initializers and attribute tensors, subgraphs included."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        yield from _tensors_of_attributes(node.attribute)
-
-
-def _tensors_of_attributes(attributes) -> Iterator:
-    for attribute in attributes:
-        if attribute.HasField("t"):
-            yield attribute.t
-        yield from attribute.tensors
-        if attribute.HasField("sparse_tensor"):
-            yield attribute.sparse_tensor.values
-            yield attribute.sparse_tensor.indices
-        if attribute.HasField("g"):
-            yield from _tensors_of_graph(attribute.g)
-        for subgraph in attribute.graphs:
-            yield from _tensors_of_graph(subgraph)
-
-
-def check_external_data(model, folder: Path, source: str) -> None:
-    """Refuse a model whose external data would be read from outside ``folder``.
-
-    An ONNX file may keep tensors in other files named by relative paths; a crafted file
-    could name ``../../etc/passwd`` or an absolute path, or reach out through a symlink.
-    Every location must resolve (symlinks followed) to a file inside the model's folder.
-
-    Args:
-        model: the ``ModelProto``, loaded without its external data.
-        folder: the folder that holds the model file.
-        source: the model's path, for the message.
-
-    Raises:
-        PredictError: naming the tensor and the offending location.
-    """
-    from onnx.external_data_helper import uses_external_data
-
-    root = folder.resolve()
-    tensors = [*_tensors_of_graph(model.graph)]
-    for function in model.functions:
-        for node in function.node:
-            tensors.extend(_tensors_of_attributes(node.attribute))
-    for tensor in tensors:
-        if not uses_external_data(tensor):
-            continue
-        location = next(
-            (entry.value for entry in tensor.external_data if entry.key == "location"), ""
-        )
-        target = (root / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(root):
-            raise PredictError(
-                f"refusing to load {source}: tensor {tensor.name!r} keeps its data in "
-                f"{location!r}, outside the model's folder {root}. External data must sit next "
-                "to the .onnx file; re-export the model (tasks.export) instead of using this file"
-            )
-
-
-def _metadata(props: dict[str, str], key: str, source: str):
-    if key not in props:
-        raise PredictError(
-            f"{source} has no {key!r} metadata: it was not exported by this pipeline. Export it "
-            "with the export stage (`dvc repro export`), which records classes and image size"
-        )
-    try:
-        return json.loads(props[key])
-    except json.JSONDecodeError:
-        raise PredictError(
-            f"{source}: metadata {key!r} is not valid JSON: {props[key]!r}"
-        ) from None
-
-
-def load_classifier(path: str | Path, threads: int = 0) -> Classifier:
-    """Check an exported model and open it in ONNX Runtime.
-
-    Args:
-        path: the ``.onnx`` file written by the export stage.
-        threads: ONNX Runtime intra-op threads; 0 lets it use every core.
-
-    Returns:
-        A :class:`Classifier`.
-
-    Raises:
-        PredictError: the file is missing, is not valid ONNX, points outside its folder for
-            external data, fails ``onnx.checker``, or lacks this pipeline's metadata.
-    """
-    import onnx
-    from google.protobuf.message import Error as ProtobufError
-
-    path = Path(path)
-    if not path.is_file():
-        raise PredictError(
-            f"model {path} not found. Build it with `tlp run` (or `dvc repro export`), or pass "
-            "--model PATH to an exported .onnx file"
-        )
-    if path.stat().st_size == 0:  # the export stage's int8 placeholder (tasks/export.py)
-        raise PredictError(
-            f"{path} is empty: no int8 model was built (export.quantize: none). Set "
-            "export.quantize: int8 and run `dvc repro export`, or use models/model.onnx"
-        )
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (OSError, ValueError, ProtobufError) as exc:
-        raise PredictError(f"{path} is not a readable ONNX model: {exc}") from None
-    check_external_data(proto, path.parent, str(path))
-    try:
-        # The path form checks external data files as well, and handles models over 2 GB.
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
-        raise PredictError(f"{path} failed onnx.checker (full check): {exc}") from None
-    props = {prop.key: prop.value for prop in proto.metadata_props}
-    classes = _metadata(props, "classes", str(path))
-    image_size = _metadata(props, "image_size", str(path))
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise PredictError(
-            f"{path}: metadata 'classes' must be a non-empty list of names, got {classes!r}"
-        )
-    if not (
-        isinstance(image_size, list)
-        and len(image_size) == 2
-        and all(type(v) is int and v > 0 for v in image_size)
-    ):
-        raise PredictError(
-            f"{path}: metadata 'image_size' must be [height, width], got {image_size!r}"
-        )
-    del proto  # the session holds its own copy
-
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in session.get_inputs()}
-    outputs = {o.name for o in session.get_outputs()}
-    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
-        raise PredictError(
-            f"{path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, found inputs "
-            f"{sorted(inputs)} and outputs {sorted(outputs)}; re-export with the export stage"
-        )
-    shape = inputs[INPUT_NAME].shape
-    height, width = image_size
-    if len(shape) != 4 or list(shape[1:]) != [height, width, 3]:
-        raise PredictError(
-            f"{path}: input {INPUT_NAME!r} has shape {shape}, but the metadata says images are "
-            f"{height}x{width} RGB (expected [batch, {height}, {width}, 3])"
-        )
-    return Classifier(path, session, classes, (height, width), props.get("preprocessing", ""))
-
-
 # ---------------------------------------------------------------- inputs
 
 
-def expand_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failure]]:
-    """Turn the command line's files and folders into a list of image files.
+def iter_inputs(inputs: Iterable[str | Path]) -> Iterator[Item]:
+    """Turn the command line's files and folders into image items, lazily and in order.
 
-    A folder contributes every file with an image suffix below it (hidden files skipped,
-    sorted, so output order is stable); a file named explicitly is always tried, whatever
-    its suffix.
-
-    Returns:
-        ``(files, failures)``: the files to classify, and inputs that name nothing usable.
+    A folder contributes every file with an image suffix below it (hidden names skipped,
+    sorted: output order is stable), see :func:`_walk_folder`; a file named explicitly is
+    always tried, whatever its suffix. An input that names nothing usable becomes an item
+    whose ``reason`` says why.
     """
-    files: list[Path] = []
-    failures: list[Failure] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = []
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found += [
-                    Path(dirpath, name)
-                    for name in sorted(filenames)
-                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-                ]
+            found = False
+            for item in _walk_folder(path):
+                found = True
+                yield item
             if not found:
                 suffixes = " ".join(sorted(IMAGE_SUFFIXES))
-                failures.append(
-                    Failure(str(path), f"no image files in this folder (looked for {suffixes})")
-                )
-            files += found
+                yield Item(str(path), "", reason=f"no image files in this folder (looked for {suffixes})")  # fmt: skip
         elif path.is_file():
-            files.append(path)
+            yield Item(str(path), "", file=path)
         elif path.exists():
-            failures.append(Failure(str(path), "not a regular file or folder"))
+            yield Item(str(path), "", reason="not a regular file or folder")
         else:
-            failures.append(Failure(str(path), "no such file or folder"))
-    return files, failures
+            yield Item(str(path), "", reason="no such file or folder")
+
+
+def _walk_folder(root: Path) -> Iterator[Item]:
+    """Image files below ``root``: each folder's files, then its sub-folders, sorted.
+
+    Sub-folders reached through symbolic links are not entered. A file that is a symbolic
+    link is read from its target if that resolves inside ``root``, else skipped; nothing is
+    opened here (:func:`tasks.imaging.decode` refuses what is not a regular file).
+    """
+    real_root = root.resolve()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)  # fmt: skip
+        except OSError as exc:
+            yield Item(str(folder), "", reason=f"unreadable folder: {exc.strerror or exc}")
+            continue
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                subfolders.append(path)
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            elif not entry.is_symlink():
+                yield Item(str(path), "", file=path, follow_symlinks=False)
+            else:
+                target = Path(os.path.realpath(path))
+                if target.is_relative_to(real_root):
+                    yield Item(str(path), "", file=target, follow_symlinks=False)
+                else:
+                    reason = f"a symbolic link to {target}, outside the folder {real_root}"
+                    yield Item(str(path), "", reason=reason)
+        stack.extend(reversed(subfolders))
 
 
 def load_pixels(path: Path, image_size: tuple[int, int]) -> tuple[np.ndarray | None, str]:
@@ -300,72 +168,83 @@ def load_pixels(path: Path, image_size: tuple[int, int]) -> tuple[np.ndarray | N
 
 
 def classify(
-    classifier: Classifier, pixels: np.ndarray, top_k: int, min_confidence: float
-) -> list[tuple[str, float, list[dict[str, float | str]]]]:
+    classifier: Classifier,
+    pixels: np.ndarray,
+    paths: Sequence[str],
+    top_k: int,
+    min_confidence: float,
+) -> list[Prediction]:
     """Run a batch of uint8 images and rank the classes.
 
     Args:
-        classifier: from :func:`load_classifier`.
+        classifier: from :func:`tasks.classifier.load_classifier`.
         pixels: (batch, height, width, 3) uint8 RGB.
+        paths: the images' paths, for the answers.
         top_k: how many classes to list per image (capped at the number of classes).
         min_confidence: below this top-1 probability the answer is ``other``.
 
     Returns:
-        One ``(label, probability, top_k)`` per image.
+        One :class:`Prediction` per image.
     """
-    feed = {INPUT_NAME: pixels.astype(np.float32)}
-    (probabilities,) = classifier.session.run([OUTPUT_NAME], feed)
     k = min(top_k, len(classifier.classes))
     answers = []
-    for row in probabilities:
+    for path, row in zip(paths, probabilities(classifier, pixels), strict=True):
         order = np.argsort(-row, kind="stable")[:k]
         ranked = [{"label": classifier.classes[i], "probability": float(row[i])} for i in order]
         best = float(row[order[0]])
-        label = ranked[0]["label"] if best >= min_confidence else OTHER_LABEL
-        answers.append((label, best, ranked))
+        below = best < min_confidence
+        label = OTHER_LABEL if below else ranked[0]["label"]
+        answers.append(Prediction(path, label, ranked[0]["label"], best, below, ranked))
     return answers
 
 
 def predict(
     classifier: Classifier,
-    files: Sequence[Path],
+    items: Iterable[Item | Path],
     *,
     top_k: int = 3,
     min_confidence: float = 0.0,
     batch_size: int = 32,
     workers: int = 0,
 ) -> Iterator[Prediction | Failure]:
-    """Classify image files, batch by batch, yielding one result per file in order.
+    """Classify images batch by batch, yielding one result per input, in order.
 
-    Decoding runs in a thread pool (Pillow releases the GIL) and only one batch of pixels
-    is held at a time, so memory does not grow with the number of files.
+    Decoding runs in a thread pool (Pillow releases the GIL) at most two batches ahead of
+    the model, so memory does not grow with the number of images.
 
     Args:
-        classifier: from :func:`load_classifier`.
-        files: image files (see :func:`expand_inputs`).
+        classifier: from :func:`tasks.classifier.load_classifier`.
+        items: from :func:`iter_inputs` (or plain paths); may be a generator.
         top_k: classes listed per image.
         min_confidence: below this top-1 probability the label is ``other``.
         batch_size: images per ONNX Runtime call.
         workers: decoding threads; 0 = number of CPUs.
 
     Yields:
-        A :class:`Prediction`, or a :class:`Failure` for a file that could not be decoded.
+        A :class:`Prediction`, or a :class:`Failure` for an input that could not be decoded.
     """
-    threads = min(workers or os.cpu_count() or 1, max(len(files), 1))
-    with ThreadPoolExecutor(threads) as pool:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            decoded = list(pool.map(lambda f: load_pixels(f, classifier.image_size), chunk))
-            batch = [pixels for pixels, _ in decoded if pixels is not None]
-            answers = iter(
-                classify(classifier, np.stack(batch), top_k, min_confidence) if batch else []
-            )
-            for file, (pixels, reason) in zip(chunk, decoded, strict=True):
-                if pixels is None:
-                    yield Failure(str(file), reason)
-                else:
-                    label, probability, ranked = next(answers)
-                    yield Prediction(str(file), label, probability, ranked)
+    items = (i if isinstance(i, Item) else Item(str(i), "", file=Path(i)) for i in items)
+    limits = DecodeLimits(classifier.image_size)
+    threads = workers or os.cpu_count() or 1
+    chunk: list[Decoded] = []
+    for result in decode_in_order(items, limits, threads, window=2 * batch_size):
+        chunk.append(result)
+        if len(chunk) == batch_size:
+            yield from _classify_chunk(classifier, chunk, top_k, min_confidence)
+            chunk = []
+    yield from _classify_chunk(classifier, chunk, top_k, min_confidence)
+
+
+def _classify_chunk(
+    classifier: Classifier, chunk: list[Decoded], top_k: int, min_confidence: float
+) -> Iterator[Prediction | Failure]:
+    good = [result for result in chunk if result.pixels is not None]
+    answers = iter(
+        classify(classifier, np.stack([r.pixels for r in good]), [r.item.path for r in good],
+                 top_k, min_confidence) if good else []
+    )  # fmt: skip
+    for result in chunk:
+        yield Failure(result.item.path, result.reason) if result.pixels is None else next(answers)
 
 
 # ---------------------------------------------------------------- command line
@@ -397,7 +276,7 @@ def build_parser(prog: str = "tlp predict") -> argparse.ArgumentParser:
         "inputs",
         nargs="+",
         metavar="IMAGE_OR_FOLDER",
-        help="image files or folders (searched recursively)",
+        help="image files or folders (searched recursively; only regular files are read)",
     )
     parser.add_argument(
         "--model",
@@ -409,14 +288,27 @@ def build_parser(prog: str = "tlp predict") -> argparse.ArgumentParser:
         "--top-k", type=_positive, default=3, help="classes listed per image (default: 3)"
     )
     parser.add_argument(
-        "--min-confidence", type=_probability, default=0.0, metavar="P",
-        help=f"answer {OTHER_LABEL!r} when the top probability is below P (default: 0, never)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON document instead of text"
+        "--min-confidence",
+        type=_probability,
+        default=0.0,
+        metavar="P",
+        help=f"answer {OTHER_LABEL!r} when the best class's probability is below P (default: 0,"
+        " never); the probability shown stays the best class's",
+    )
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document at the end (keeps every answer)",
+    )
+    output.add_argument(
+        "--jsonl", action="store_true", help="print one JSON object per image as it is classified"
     )
     parser.add_argument(
-        "--batch-size", type=_positive, default=32, help="images per model call (default: 32)"
+        "--batch-size",
+        type=_positive,
+        default=32,
+        help="images per model call; memory grows with it (default: 32)",
     )
     parser.add_argument(
         "--threads",
@@ -425,18 +317,41 @@ def build_parser(prog: str = "tlp predict") -> argparse.ArgumentParser:
         help="ONNX Runtime and decoding threads (default: all cores)",
     )
     parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: on a terminal, once a run passes 2 seconds)",
+    )
+    parser.add_argument(
         "--strict", action="store_true", help="exit 1 if any input could not be classified"
     )
     return parser
 
 
-def _text_line(prediction: Prediction) -> str:
+def _text_line(prediction: Prediction, min_confidence: float) -> str:
     ranked = ", ".join(f"{r['label']} {r['probability']:.3f}" for r in prediction.top_k)
-    return f"{prediction.path}: {prediction.label} ({prediction.probability:.3f})  [{ranked}]"
+    best = f"{prediction.top_label} {prediction.top_probability:.3f}"
+    if prediction.below_min_confidence:
+        why = f"best class {best}, under --min-confidence {min_confidence:g}"
+        return f"{prediction.path}: {prediction.label} ({why})  [{ranked}]"
+    return f"{prediction.path}: {prediction.label} ({prediction.top_probability:.3f})  [{ranked}]"
+
+
+def _progress_bar(args: argparse.Namespace):
+    """A tqdm bar on stderr, or None: forced by --progress, else on terminals, late."""
+    automatic = args.progress is None
+    if args.progress is False or (
+        automatic and (not sys.stderr.isatty() or os.environ.get("TLP_NO_PROGRESS") == "1")
+    ):
+        return None
+    from tqdm import tqdm
+
+    total = sum(1 for _ in iter_inputs(args.inputs))  # names only: nothing is opened
+    return tqdm(total=total, desc="predict", unit="img", file=sys.stderr, delay=2.0 if automatic else 0.0)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``tlp predict IMAGE_OR_FOLDER... [--model M] [--top-k K] [--min-confidence P] [--json]``.
+    """``tlp predict IMAGE_OR_FOLDER... [--model M] [--json | --jsonl] [...]``.
 
     Args:
         argv: the arguments after the command name (``sys.argv[1:]`` when ``None``).
@@ -450,30 +365,51 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     from PIL import Image
 
-    # As the prepare stage's main() does: its decode() treats Pillow's bomb warning as an error.
+    # As the prepare stage does: decode() refuses images over max_pixels from their header,
+    # so Pillow's warning between 1x and 2x its limit would only be noise.
     Image.MAX_IMAGE_PIXELS = DecodeLimits((1, 1)).max_pixels
-    files, failures = expand_inputs(args.inputs)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
         classifier = load_classifier(args.model, threads=max(args.threads, 0))
     except PredictError as exc:
         print(f"ERROR: predict: {exc}", file=sys.stderr)
         return 1
-    if not args.json:
-        for failure in failures:
-            print(f"error: {failure.path}: {failure.reason}", file=sys.stderr)
-    predictions: list[Prediction] = []
-    for result in predict(
-        classifier, files, top_k=args.top_k, min_confidence=args.min_confidence,
-        batch_size=args.batch_size, workers=max(args.threads, 0),
-    ):  # fmt: skip
-        if isinstance(result, Failure):
-            failures.append(result)
-            if not args.json:
-                print(f"error: {result.path}: {result.reason}", file=sys.stderr)
+    bar = _progress_bar(args)
+
+    def say(line: str, file=sys.stdout) -> None:
+        if bar is not None and file.isatty():  # a line on the bar's terminal: move the bar
+            bar.write(line, file=file)
         else:
+            print(line, file=file, flush=args.jsonl)
+
+    predictions: list[Prediction] = []  # --json only: the others stream
+    failures: list[Failure] = []
+    classified = failed = 0
+    for result in predict(
+        classifier, iter_inputs(args.inputs), top_k=args.top_k,
+        min_confidence=args.min_confidence, batch_size=args.batch_size,
+        workers=max(args.threads, 0),
+    ):  # fmt: skip
+        if bar is not None:
+            bar.update(1)
+        if isinstance(result, Failure):
+            failed += 1
+            if args.json:
+                failures.append(result)
+            elif args.jsonl:
+                say(json.dumps({"path": result.path, "error": result.reason}))
+            else:
+                say(f"skipped: {result.path}: {result.reason}", file=sys.stderr)
+            continue
+        classified += 1
+        if args.json:
             predictions.append(result)
-            if not args.json:
-                print(_text_line(result))
+        elif args.jsonl:
+            say(json.dumps(asdict(result)))
+        else:
+            say(_text_line(result, args.min_confidence))
+    if bar is not None:
+        bar.close()
     if args.json:
         document = {
             "model": str(args.model),
@@ -485,15 +421,12 @@ def main(argv: list[str] | None = None) -> int:
             "errors": [asdict(f) for f in failures],
         }
         print(json.dumps(document, indent=2))
-    if failures:
-        print(
-            f"predict: {len(predictions)} classified, {len(failures)} could not be read",
-            file=sys.stderr,
-        )
-    if not predictions:
+    if failed:
+        print(f"predict: {classified} classified, {failed} skipped", file=sys.stderr)
+    if not classified:
         print("ERROR: predict: no image could be classified", file=sys.stderr)
         return 1
-    return 1 if args.strict and failures else 0
+    return 1 if args.strict and failed else 0
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ Output layout (``--out``)::
     report.json         counts per class and split, rejects by reason, warnings
     shards/<split>-<n>.npy   uint8 arrays (N, height, width, 3)
 
-Images are decoded in a thread pool (:func:`tasks.imaging.decode`) and streamed, in order,
-into the open shard files, with at most a few images per thread in flight: peak memory does
-not grow with the dataset or with ``prepare.shard_size``. Splits come from each
+Images are decoded in a thread pool (:func:`tasks.imaging.decode_in_order`) and streamed, in
+order, into the open shard files, with at most a few images per thread in flight: peak memory
+does not grow with the dataset or with ``prepare.shard_size``, and the full-size pixels of the
+images being decoded stay within :data:`tasks.imaging.DECODE_BUDGET`, however large each
+image is (up to ``prepare.max_pixels``). Splits come from each
 image's sha256: byte-identical files always share a split, and adding an image never
 moves another one.
 """
@@ -23,9 +25,7 @@ import csv
 import os
 import struct
 import warnings
-from collections import Counter, deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -35,7 +35,7 @@ from PIL import Image
 
 from tasks.builtin import read_idx
 from tasks.common import StageError, atomic_path, log, progress, read_json, run_stage, write_json
-from tasks.imaging import Decoded, Item, decode
+from tasks.imaging import Item, decode, decode_in_order  # noqa: F401 (decode: tests import it here)
 from tasks.params import PrepareParams, load_params
 
 SPLITS = ("train", "val", "test")
@@ -222,22 +222,6 @@ class _ShardWriter:
             self._flush(split)
 
 
-def _decoded_in_order(items: list[Item], params: PrepareParams, workers: int) -> Iterator[Decoded]:
-    """``decode`` over ``items`` in a thread pool, in order, with a bounded window in flight.
-
-    At most ``4 * workers`` decoded images exist at once, whatever the dataset size.
-    """
-    window = 4 * workers
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(decode, item, params))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 def _resolve_classes(
     counts: Counter, classes: list[str], params: PrepareParams
 ) -> tuple[dict[str, str], list[str]]:
@@ -318,7 +302,8 @@ def _prepare_items(
     workers = params.workers or (os.cpu_count() or 1) + 1
     try:
         with progress(total=len(items), desc="prepare", unit="img") as bar:
-            for result in _decoded_in_order(items, params, workers):
+            # At most 4 x workers decoded images wait to be written, whatever the dataset.
+            for result in decode_in_order(items, params, workers, window=4 * workers):
                 bar.update(1)
                 if result.reason:
                     rejects.append((result.item.path, result.reason))

@@ -59,7 +59,7 @@ def test_default_pipeline_accuracy_caching_and_partial_rerun(tmp_path):
     }
     for name in ("confusion_matrix.png", "explain.png", "errors.png"):
         picture = np.asarray(Image.open(project / "plots" / name).convert("L"))
-        assert picture.shape[0] > 300 and picture.std() > 20, name
+        assert picture.shape[0] >= 250 and picture.std() > 20, name  # a row of tiles at least
 
     parity = onnx_keras_agreement(project)
     assert parity["agree"] == 1.0 and parity["diff"] < 1e-4

@@ -204,21 +204,20 @@ def test_resize_averages_areas_when_shrinking_and_interpolates_when_enlarging():
 
 
 def test_decoding_runs_ahead_by_a_bounded_window(monkeypatch):
-    """However long the dataset, at most ``4 * workers`` decoded images wait to be written."""
-    from tasks import prepare as stage
-
+    """However long the input (a generator here), at most ``window`` images are decoded
+    ahead of the one yielded: prepare passes 4 x workers, predict 2 x its batch size."""
     started = []
 
     def counting_decode(item, _params):
         started.append(item.path)
         return imaging.Decoded(item, reason="skipped")
 
-    monkeypatch.setattr(stage, "decode", counting_decode)
+    monkeypatch.setattr(imaging, "decode", counting_decode)
     items = [Item(f"{i}.png", "a") for i in range(500)]
     seen = 0
-    for index, result in enumerate(stage._decoded_in_order(items, params(), workers=2)):
+    for index, result in enumerate(imaging.decode_in_order(iter(items), params(), 2, window=8)):
         assert result.item is items[index]  # in order
-        assert len(started) <= index + 1 + 4 * 2
+        assert len(started) <= index + 1 + 8
         seen += 1
     assert seen == 500 and len(started) == 500
 

@@ -140,7 +140,10 @@ if event == "checkpoint":
     original_zip_close = zipfile.ZipFile.close
 
     def close(self):
-        if self.fp is not None and self.mode == "w" and "/.best-" in str(self.filename):
+        # Keras's own write of a checkpoint (``.best-...tmp.keras``), before save_model
+        # rewrites it under its final name: a kill here leaves a half-written zip.
+        name = str(self.filename)
+        if self.fp is not None and self.mode == "w" and "/.best-" in name and name.endswith(".tmp.keras"):
             on_event(f"while writing {self.filename}")
         return original_zip_close(self)
 

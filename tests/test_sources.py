@@ -10,7 +10,6 @@ bytes behind an unchanged name in a real DVC project and check, by DVC's own rec
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import io
 import json
@@ -26,7 +25,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import BIN, SHRUNK, deep_update, make_project, run
+from tests.conftest import BIN, SHRUNK, make_project, merged, run
 from tests.httpserver import FileServer
 
 pytestmark = pytest.mark.slow
@@ -93,7 +92,7 @@ def prepared_hashes(project: Path) -> set[str]:
 
 
 def project_with(tmp_path: Path, changes: dict) -> Path:
-    return make_project(tmp_path / "project", deep_update(copy.deepcopy(SHRUNK), changes))
+    return make_project(tmp_path / "project", merged(SHRUNK, changes))
 
 
 def assert_only_fetch_and_prepare_rerun(project: Path, change) -> None:
