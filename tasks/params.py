@@ -259,7 +259,7 @@ class ExportParams(_Section):
     min_top1_agreement: float = Field(..., ge=0.0, le=1.0)
     max_parity_images: int = Field(..., ge=1)
     quantize: Literal["none", "int8"]
-    calibration_images: int = Field(..., ge=1)
+    calibration_images: int = Field(..., ge=1, le=10_000)
     int8_min_agreement: float = Field(..., ge=0.0, le=1.0)
     int8_max_accuracy_drop: float = Field(..., ge=0.0, le=1.0)
 

@@ -90,8 +90,11 @@ def quantize_int8(
     Args:
         float_model: the float ONNX model (raw pixels in).
         out: where the int8 model goes (the caller makes it atomic).
-        calibration: batches of training images, (B, H, W, 3) pixels in [0, 255]; read one
-            at a time, so memory does not grow with their number.
+        calibration: batches of training images, (B, H, W, 3) pixels in [0, 255], read one
+            at a time. ONNX Runtime keeps every batch's per-tensor minima and maxima until
+            the end (its ``CalibMaxIntermediateOutputs``, meant to bound that, drops the
+            data in 1.32), a few kB per batch: ``export.calibration_images`` is capped at
+            10,000.
         input_name: the graph input's name.
 
     Raises:
