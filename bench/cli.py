@@ -35,6 +35,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "peak": ("bench.peak", ("extract_peak_fraction",)),
     "noop": ("bench.noop", ("noop_rerun_ratio", "noop_rerun_ratio_embedded")),
     "fashion": ("bench.fashion", ("fashion_mnist_e2e", "fashion_mnist_e2e_peak_memory")),
+    "int8": ("bench.int8", ("int8_speedup", "int8_speedup_batch1")),
 }
 ORDER = [name for names in (g[1] for g in GROUPS.values()) for name in names]
 
@@ -173,6 +174,17 @@ NOTES = {
     ),
     "fashion_mnist_e2e_peak_memory": lambda d: (
         f"largest single process {d.get('peak_single_process_rss_gib')} GiB"
+    ),
+    "int8_speedup": lambda d: (
+        f"batch 32: float {d.get('median_ms', {}).get('batch_32', {}).get('float')} ms vs int8 "
+        f"{d.get('median_ms', {}).get('batch_32', {}).get('int8')} ms"
+        + "".join(
+            f"; {k.replace('_', ' ')}: {v}x" for k, v in d.get("batch_32_speedup_if", {}).items()
+        )
+    ),
+    "int8_speedup_batch1": lambda d: (
+        f"batch 1: float {d.get('median_ms', {}).get('float')} ms vs int8 "
+        f"{d.get('median_ms', {}).get('int8')} ms"
     ),
 }
 

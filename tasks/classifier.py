@@ -133,6 +133,11 @@ def load_classifier(path: str | Path, threads: int = 0) -> Classifier:
             f"model {path} not found. Build it with `tlp run` (or `dvc repro export`), or pass "
             "--model PATH to an exported .onnx file"
         )
+    if path.stat().st_size == 0:  # the export stage's int8 placeholder (tasks/export.py)
+        raise PredictError(
+            f"{path} is empty: no int8 model was built (export.quantize: none). Set "
+            "export.quantize: int8 and run `dvc repro export`, or use models/model.onnx"
+        )
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (OSError, ValueError, ProtobufError) as exc:

@@ -1,4 +1,4 @@
-"""Stage ``export``: the Keras model as ONNX, gated on parity with Keras.
+"""Stage ``export``: the Keras model as ONNX, gated on parity with Keras; int8; the model card.
 
 The graph takes raw RGB pixels (float32, 0..255, NHWC, dynamic batch) because the
 preprocessing is inside the model; class names, image size and preprocessing travel in
@@ -6,6 +6,16 @@ the ONNX metadata, so ``tlp predict`` needs nothing else. ``onnx.checker`` runs 
 full check, then ONNX Runtime must agree with Keras on the test split within
 ``export.atol`` and ``export.min_top1_agreement``: otherwise the stage fails and no
 ``.onnx`` is left behind.
+
+With ``export.quantize: int8`` the stage also writes the int8 model (:mod:`tasks.quantize`,
+calibrated on ``export.calibration_images`` training images spread evenly over the split),
+gated on top-1 agreement with the float model and on the test-accuracy drop; a failed gate
+fails the stage and leaves neither model. With ``none`` the int8 path gets an empty file:
+DVC requires every declared output to exist after the command, and declaring it always
+keeps one ``dvc.yaml`` for both settings (an empty file hashes, caches, pushes and pulls
+like any other, and ``tlp predict`` refuses it with a message naming the setting).
+
+Last, the stage writes the model card (:mod:`tasks.card`) from the files the pipeline wrote.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +33,9 @@ from tasks.common import StageError, atomic_path, log, read_json, run_stage, wri
 from tasks.dataset import Prepared
 from tasks.onnx_io import cpu_session, keras_to_onnx
 from tasks.params import ExportParams, load_params
+
+CALIBRATION_BATCH = 16
+CHECK_BATCH = 128
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
@@ -85,58 +99,110 @@ def export(model, info: dict, test_images: np.ndarray, params: ExportParams, out
     Raises:
         StageError: the parity gate failed; ``out`` is not written.
     """
+    with atomic_path(out) as tmp:
+        return write_checked(model, info, test_images, params, tmp)
+
+
+def write_checked(
+    model, info: dict, test_images: np.ndarray, params: ExportParams, path: Path
+) -> Parity:
+    """Convert and save to ``path``, run the checker, and raise unless parity holds.
+
+    Raises:
+        StageError: the parity gate failed (``path`` is the caller's to remove).
+    """
     import onnx
 
     started = time.perf_counter()
     proto = to_onnx(model, info, params.opset)
-    with atomic_path(out) as tmp:
-        onnx.save(proto, tmp)
-        onnx.checker.check_model(str(tmp), full_check=True)
-        session = cpu_session(tmp)
-        parity = check_parity(model, session, test_images, params)
-        log.info(
-            "export: %d images, top-1 agreement %.4f, max |diff| %.2e (%.1fs)",
-            parity.images, parity.top1_agreement, parity.max_abs_diff, time.perf_counter() - started,
-        )  # fmt: skip
-        if not parity.passed:
-            raise StageError(
-                f"ONNX parity failed: top-1 agreement {parity.top1_agreement:.4f} (need >= "
-                f"{params.min_top1_agreement}), max |diff| {parity.max_abs_diff:.2e} (need <= "
-                f"{params.atol}). No ONNX file was written; check the model for ops tf2onnx "
-                "converts differently, or loosen export.atol / export.min_top1_agreement"
-            )
+    onnx.save(proto, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    parity = check_parity(model, cpu_session(path), test_images, params)
+    log.info(
+        "export: %d images, top-1 agreement %.4f, max |diff| %.2e (%.1fs)",
+        parity.images, parity.top1_agreement, parity.max_abs_diff, time.perf_counter() - started,
+    )  # fmt: skip
+    if not parity.passed:
+        raise StageError(
+            f"ONNX parity failed: top-1 agreement {parity.top1_agreement:.4f} (need >= "
+            f"{params.min_top1_agreement}), max |diff| {parity.max_abs_diff:.2e} (need <= "
+            f"{params.atol}). No ONNX file was written; check the model for ops tf2onnx "
+            "converts differently, or loosen export.atol / export.min_top1_agreement"
+        )
     return parity
 
 
+def calibration_batches(prepared: Prepared, count: int) -> Iterator[np.ndarray]:
+    """Up to ``count`` training images, spread evenly over the split, a batch at a time.
+
+    The manifest lists a split class by class, so its first images would all be of one
+    class; evenly spaced positions take every class in proportion, the same ones every run.
+
+    Raises:
+        StageError: the train split is empty.
+    """
+    total = prepared.count("train")
+    if total == 0:
+        raise StageError("no training images to calibrate the int8 model on")
+    positions = np.unique(np.linspace(0, total - 1, num=min(count, total)).round().astype(int))
+    for start in range(0, len(positions), CALIBRATION_BATCH):
+        yield prepared.take("train", positions[start : start + CALIBRATION_BATCH])
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tasks.export --data ... --model ... --info ... --out ... --metrics ...``."""
+    """``python -m tasks.export --data ... --model ... --out ... --int8-out ... --card ...``."""
     parser = argparse.ArgumentParser(description="Export the model to ONNX with a parity gate.")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--info", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--int8-out", required=True, type=Path, help="empty unless quantize: int8")
     parser.add_argument("--metrics", required=True, type=Path)
+    parser.add_argument("--card", required=True, type=Path, help="the model card (Markdown)")
+    parser.add_argument("--eval-metrics", required=True, type=Path, help="card: test metrics")
+    parser.add_argument("--per-class", required=True, type=Path, help="card: per-class CSV")
+    parser.add_argument("--source", required=True, type=Path, help="card: fetch's source.json")
     args = parser.parse_args(argv)
 
     def body() -> None:
+        from tasks import card, quantize
         from tasks.safety import load_model_safely
 
         params = load_params(args.params).export
+        for path in (args.eval_metrics, args.per_class, args.source):
+            if not path.is_file():
+                raise StageError(f"{path} (read for the model card) is missing; run `dvc repro`")
         info = read_json(args.info)
+        prepared = Prepared.open(args.data)
         model = load_model_safely(args.model, compile=False)
-        images, _ = Prepared.open(args.data).load("test", limit=params.max_parity_images)
-        parity = export(model, info, images, params, args.out)
-        write_json(
-            args.metrics,
-            {
+        images, _ = prepared.load("test", limit=params.max_parity_images)
+        # Both models are committed together, or neither: a failed int8 gate removes both.
+        with atomic_path(args.out) as float_model:
+            parity = write_checked(model, info, images, params, float_model)
+            metrics = {
                 "parity_images": parity.images,
                 "top1_agreement": parity.top1_agreement,
                 "max_abs_diff": parity.max_abs_diff,
                 "opset": params.opset,
-                "onnx_bytes": args.out.stat().st_size,
-            },
-        )
+                "onnx_bytes": float_model.stat().st_size,
+            }
+            if params.quantize == "int8":
+                metrics["int8"] = quantize.build_int8(
+                    float_model, args.int8_out,
+                    calibration_batches(prepared, params.calibration_images),
+                    prepared.batches("test", CHECK_BATCH), images, params,
+                )  # fmt: skip
+            else:
+                with atomic_path(args.int8_out):
+                    pass  # the empty placeholder (see the module docstring)
+        write_json(args.metrics, metrics)
+        facts = card.read_facts(
+            args.info, args.eval_metrics, args.per_class, args.source, prepared, args.metrics,
+            args.out, args.int8_out,
+        )  # fmt: skip
+        with atomic_path(args.card) as tmp:
+            tmp.write_text(card.render(facts), encoding="utf-8")
 
     return run_stage("export", body)
 

@@ -254,12 +254,16 @@ class EvaluateParams(_Section):
 
 
 class ExportParams(_Section):
-    """ONNX export and its parity gate (``export`` section)."""
+    """ONNX export, its parity gate and the gated int8 model (``export`` section)."""
 
     opset: int = Field(..., ge=13, le=21)
     atol: float = Field(..., gt=0)
     min_top1_agreement: float = Field(..., ge=0.0, le=1.0)
     max_parity_images: int = Field(..., ge=1)
+    quantize: Literal["none", "int8"]
+    calibration_images: int = Field(..., ge=1, le=10_000)
+    int8_min_agreement: float = Field(..., ge=0.0, le=1.0)
+    int8_max_accuracy_drop: float = Field(..., ge=0.0, le=1.0)
 
 
 class Params(_Section):
