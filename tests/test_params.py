@@ -108,8 +108,9 @@ def test_params_yaml_is_read_with_dvcs_yaml_rules(tmp_path):
     """YAML 1.2, as DVC reads it: what trains is what dvc.lock and `dvc params diff` show."""
     text = (ROOT / "params.yaml").read_text()
     text = text.replace("  epochs: 12\n", "  epochs: 010\n").replace(
-        "  learning_rate: 0.001\n", "  learning_rate: 1e-3\n", 1
+        "  learning_rate: 0.003\n", "  learning_rate: 1e-3\n", 1
     )
+    assert "1e-3" in text
     path = tmp_path / "params.yaml"
     path.write_text(text)
     params = load_params(path)
