@@ -105,7 +105,7 @@ def run(work: Path, quick: bool) -> list[Result]:
     count = 48 if quick else 2 * CALIBRATION_IMAGES  # about half become train images
     prepared = prepared_dataset(work, count, IMAGE_SIZE, val_fraction=0.1, test_fraction=0.3)
     _, float_model = classifier_files("mobilenet_v2", IMAGE_SIZE, 4, work / "model", prepared.root)
-    int8_model = work / "model.int8.onnx"
+    int8_model = work / "int8.onnx"
     load_before = load_average()
     quantize_int8(
         float_model, int8_model, calibration_batches(prepared, CALIBRATION_IMAGES), "pixels"

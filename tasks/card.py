@@ -202,7 +202,7 @@ def render(facts: CardFacts) -> str:
             ],
         )
     else:
-        out += [f"No int8 model (`export.quantize: none`; `{facts.int8_model}` is empty).", ""]
+        out += ["No int8 model (`export.quantize: none`).", ""]
     warnings = [*ev.get("warnings", []), *report.get("warnings", [])]
     out += [
         "## Intended use and limits",

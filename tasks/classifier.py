@@ -128,15 +128,15 @@ def load_classifier(path: str | Path, threads: int = 0) -> Classifier:
     from google.protobuf.message import Error as ProtobufError
 
     path = Path(path)
+    if not path.is_file() and (path.parent / "README.md").is_file() and path.parent.name == "int8":
+        raise PredictError(  # the export stage's int8 folder without a model (tasks/export.py)
+            f"{path} does not exist: no int8 model was built (export.quantize: none). Set "
+            "export.quantize: int8 and run `dvc repro export`, or use models/model.onnx"
+        )
     if not path.is_file():
         raise PredictError(
             f"model {path} not found. Build it with `tlp run` (or `dvc repro export`), or pass "
             "--model PATH to an exported .onnx file"
-        )
-    if path.stat().st_size == 0:  # the export stage's int8 placeholder (tasks/export.py)
-        raise PredictError(
-            f"{path} is empty: no int8 model was built (export.quantize: none). Set "
-            "export.quantize: int8 and run `dvc repro export`, or use models/model.onnx"
         )
     try:
         proto = onnx.load(str(path), load_external_data=False)

@@ -10,10 +10,11 @@ full check, then ONNX Runtime must agree with Keras on the test split within
 With ``export.quantize: int8`` the stage also writes the int8 model (:mod:`tasks.quantize`,
 calibrated on ``export.calibration_images`` training images spread evenly over the split),
 gated on top-1 agreement with the float model and on the test-accuracy drop; a failed gate
-fails the stage and leaves neither model. With ``none`` the int8 path gets an empty file:
-DVC requires every declared output to exist after the command, and declaring it always
-keeps one ``dvc.yaml`` for both settings (an empty file hashes, caches, pushes and pulls
-like any other, and ``tlp predict`` refuses it with a message naming the setting).
+fails the stage and leaves neither model. The int8 output is a folder, ``models/int8``:
+it holds ``model.onnx`` with ``int8``, and with ``none`` only a ``README.md`` saying how to
+build it. DVC requires every declared output to exist after the command, and declaring the
+folder always keeps one ``dvc.yaml`` for both settings; a folder with a note is never an
+empty output (DVC warns on those), and ``tlp predict`` on the missing model names the setting.
 
 Last, the stage writes the model card (:mod:`tasks.card`) from the files the pipeline wrote.
 """
@@ -29,13 +30,20 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.common import StageError, atomic_path, log, read_json, run_stage, write_json
+from tasks.common import StageError, atomic_path, log, read_json, remove, run_stage, write_json
 from tasks.dataset import Prepared
 from tasks.onnx_io import cpu_session, keras_to_onnx
 from tasks.params import ExportParams, load_params
 
 CALIBRATION_BATCH = 16
 CHECK_BATCH = 128
+INT8_NAME = "model.onnx"  # inside the int8 folder
+NO_INT8 = """# No int8 model
+
+`export.quantize` is `none`, so no int8 model was built. To build one, set
+`export.quantize: int8` in params.yaml and run `dvc repro export` (or `tlp run`):
+`model.onnx` then appears in this folder, gated against the float model.
+"""
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--info", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--int8-out", required=True, type=Path, help="empty unless quantize: int8")
+    parser.add_argument("--int8-out", required=True, type=Path, help="int8 folder (model.onnx)")
     parser.add_argument("--metrics", required=True, type=Path)
     parser.add_argument("--card", required=True, type=Path, help="the model card (Markdown)")
     parser.add_argument("--eval-metrics", required=True, type=Path, help="card: test metrics")
@@ -178,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model_safely(args.model, compile=False)
         images, _ = prepared.load("test", limit=params.max_parity_images)
         # Both models are committed together, or neither: a failed int8 gate removes both.
-        with atomic_path(args.out) as float_model:
+        remove(args.int8_out)  # an older int8 model must not outlive a failed gate
+        with (
+            atomic_path(args.out) as float_model,
+            atomic_path(args.int8_out, directory=True) as int8,
+        ):
             parity = write_checked(model, info, images, params, float_model)
             metrics = {
                 "parity_images": parity.images,
@@ -189,17 +201,16 @@ def main(argv: list[str] | None = None) -> int:
             }
             if params.quantize == "int8":
                 metrics["int8"] = quantize.build_int8(
-                    float_model, args.int8_out,
+                    float_model, int8 / INT8_NAME,
                     calibration_batches(prepared, params.calibration_images),
                     prepared.batches("test", CHECK_BATCH), images, params,
                 )  # fmt: skip
             else:
-                with atomic_path(args.int8_out):
-                    pass  # the empty placeholder (see the module docstring)
+                (int8 / "README.md").write_text(NO_INT8, encoding="utf-8")
         write_json(args.metrics, metrics)
         facts = card.read_facts(
             args.info, args.eval_metrics, args.per_class, args.source, prepared, args.metrics,
-            args.out, args.int8_out,
+            args.out, args.int8_out / INT8_NAME,
         )  # fmt: skip
         with atomic_path(args.card) as tmp:
             tmp.write_text(card.render(facts), encoding="utf-8")

@@ -10,7 +10,7 @@ model ships to CPUs we do not know, and on those the u8s8 kernels can saturate. 
 Softmax stays float, so the probabilities are not rounded to steps of 1/256 (ties there
 would flip the top-1 answer). The preprocessing stays inside the graph, so the int8 model
 takes the same raw pixels as the float one, and it keeps the float model's metadata
-(classes, image size), so ``tlp predict --model models/model.int8.onnx`` works unchanged.
+(classes, image size), so ``tlp predict --model models/int8/model.onnx`` works unchanged.
 
 A quantized model is only as good as its check: :func:`build_int8` measures its top-1
 agreement with the float model and its accuracy drop on the test split, refuses it (and

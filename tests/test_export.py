@@ -22,7 +22,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from tasks import predict, quantize
+from tasks import export, predict, quantize
 from tasks.common import StageError
 from tasks.export import calibration_batches
 from tasks.onnx_io import cpu_session
@@ -144,16 +144,16 @@ def test_the_accuracy_gate_alone_can_fail(float_model):
     assert "int8_min_agreement" not in str(failure.value)
 
 
-def test_the_empty_placeholder_is_refused_by_predict_naming_the_setting(tmp_path, capsys):
-    placeholder = tmp_path / "models" / "model.int8.onnx"
-    placeholder.parent.mkdir()
-    placeholder.touch()
+def test_the_int8_folder_without_a_model_is_refused_by_predict_naming_the_setting(tmp_path, capsys):
+    folder = tmp_path / "models" / "int8"  # as the export stage leaves it with quantize: none
+    folder.mkdir(parents=True)
+    (folder / "README.md").write_text(export.NO_INT8)
     image = tmp_path / "red.png"
     Image.new("RGB", (8, 8), (240, 30, 30)).save(image)
 
-    assert predict.main(["--model", str(placeholder), str(image)]) == 1
+    assert predict.main(["--model", str(folder / "model.onnx"), str(image)]) == 1
     error = capsys.readouterr().err
-    assert f"{placeholder} is empty" in error and "export.quantize: int8" in error
+    assert "no int8 model was built" in error and "export.quantize: int8" in error
 
 
 def test_accuracy_drop_is_exact_at_the_gate():
@@ -244,7 +244,7 @@ def test_model_card_numbers_are_those_of_the_metrics_files(built_project):
         in (built_project / "models/MODEL_CARD.md").read_text()
     )
     assert "top-1 agreement with float" not in rows
-    assert (built_project / "models/model.int8.onnx").stat().st_size == 0
+    assert [p.name for p in (built_project / "models/int8").iterdir()] == ["README.md"]
 
 
 @pytest.mark.slow
@@ -260,7 +260,7 @@ def test_int8_through_dvc_repro_predict_status_push_and_pull(built_project, tmp_
     int8 = json.loads((project / "metrics/export.json").read_text())["int8"]
     assert int8["top1_agreement"] >= PARAMS.export.int8_min_agreement
     assert int8["accuracy_drop"] <= PARAMS.export.int8_max_accuracy_drop
-    model = project / "models/model.int8.onnx"
+    model = project / "models/int8/model.onnx"
     assert int8["size_bytes"] == model.stat().st_size > 0
     rows = assert_card_matches_metrics(project)
     assert float(rows["top-1 agreement with float"]) == round(int8["top1_agreement"], 4)
@@ -268,18 +268,18 @@ def test_int8_through_dvc_repro_predict_status_push_and_pull(built_project, tmp_
     assert float(rows["accuracy drop"]) == round(int8["accuracy_drop"], 4)
     assert int(rows["bytes"]) == int8["size_bytes"]
     assert (
-        "tlp predict --model models/model.int8.onnx"
+        "tlp predict --model models/int8/model.onnx"
         in (project / "models/MODEL_CARD.md").read_text()
     )
 
     images = sorted((project / "data/raw/images").glob("*/*.png"))[::60]
     answers = {}
-    for name in ("model.onnx", "model.int8.onnx"):
+    for name in ("model.onnx", "int8/model.onnx"):
         found = run([sys.executable, "-m", "tasks.predict", "--model", f"models/{name}", "--json",
                      *map(str, images)], project)  # fmt: skip
         answers[name] = [p["label"] for p in json.loads(found.stdout)["predictions"]]
     assert len(answers["model.onnx"]) == len(images) >= 20
-    agree = np.mean(np.array(answers["model.onnx"]) == np.array(answers["model.int8.onnx"]))
+    agree = np.mean(np.array(answers["model.onnx"]) == np.array(answers["int8/model.onnx"]))
     assert agree >= 0.9
 
     assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
@@ -292,14 +292,16 @@ def test_int8_through_dvc_repro_predict_status_push_and_pull(built_project, tmp_
     assert model.read_bytes() == written
     assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
 
-    # Back to none: the placeholder is an output like any other, through push and pull.
+    # Back to none: the folder with its note is an output like any other, through push and pull.
     write_params(params, {**SHRUNK, "export": {**SHRUNK["export"], "quantize": "none"}})
-    run(["dvc", "repro"], project)
-    assert model.stat().st_size == 0
+    repro = run(["dvc", "repro"], project)
+    assert "is empty" not in repro.stdout + repro.stderr
+    note = model.with_name("README.md")
+    assert not model.exists() and "export.quantize: int8" in note.read_text()
     run(["dvc", "push"], project)
-    model.unlink()
+    shutil.rmtree(model.parent)
     run(["dvc", "pull"], project)
-    assert model.is_file() and model.stat().st_size == 0
+    assert not model.exists() and note.is_file()
     assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
     failed = run([sys.executable, "-m", "tasks.predict", "--model", str(model), str(images[0])],
                  project, check=False)  # fmt: skip
@@ -315,7 +317,8 @@ def test_a_failed_int8_gate_fails_the_stage_and_leaves_neither_model(built_proje
         np.save(shard, np.zeros_like(np.load(shard)))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "model.int8.onnx").write_bytes(b"an older int8 model")
+    (out / "int8").mkdir()
+    (out / "int8/model.onnx").write_bytes(b"an older int8 model")
     params = write_params(tmp_path / "params.yaml", {**SHRUNK, "export": {**SHRUNK["export"],
                           "quantize": "int8"}})  # fmt: skip
     result_file = tmp_path / "result.json"
@@ -323,7 +326,7 @@ def test_a_failed_int8_gate_fails_the_stage_and_leaves_neither_model(built_proje
         sys.executable, "-m", "tasks.export", "--params", params, "--data", prepared,
         "--model", built_project / "models/model.keras",
         "--info", built_project / "models/model.json",
-        "--out", out / "model.onnx", "--int8-out", out / "model.int8.onnx",
+        "--out", out / "model.onnx", "--int8-out", out / "int8",
         "--metrics", out / "export.json", "--card", out / "MODEL_CARD.md",
         "--eval-metrics", built_project / "metrics/eval.json",
         "--per-class", built_project / "plots/per_class.csv",
