@@ -169,15 +169,17 @@ def test_epochs_override_reruns_train_evaluate_export_only(pipeline):
         "prepare": "Cached",
         "backbone": "Cached",
         "train": "Completed",
+        "train_other": "Completed",  # it reads the train section (it is off: in a second)
         "evaluate": "Completed",
+        "export_other": "Cached",  # its inputs did not change: DVC found it up to date
         "export": "Completed",
     }
     rows = {
         row["stage"]: row for row in json.loads(server.artifacts(run_id)["pipeline-stages"]["data"])
     }
     assert rows["train"]["why"] == f"params train.epochs {epochs} -> {new}"
-    assert rows["evaluate"]["why"] == "needs new outputs of train"
-    assert rows["export"]["why"] == "needs new outputs of train, evaluate"  # the model card
+    assert rows["evaluate"]["why"] == "needs new outputs of train, train_other"
+    assert rows["export"]["why"] == "needs new outputs of train, train_other, evaluate"  # the card
 
     # The override is in params.yaml, so `dvc repro` reproduces this run.
     assert yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"] == new

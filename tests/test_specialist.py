@@ -1,0 +1,155 @@
+"""The other class's specialist (train.other_specialist): its data, its stages, the cascade."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tasks.common import StageError
+from tasks.dataset import Prepared
+from tasks.params import ParamsError, parse_params, with_changes
+from tasks.prepare import prepare
+from tests.conftest import PARAMS, ROOT, SHRUNK, make_project, run, set_params
+
+# Four large classes and three small ones, each a colour a small CNN tells apart at once.
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
+    "cyan": (30, 210, 220), "magenta": (210, 30, 200), "grey": (128, 128, 128),
+}  # fmt: skip
+LARGE, SMALL = ("red", "green", "blue", "yellow"), ("cyan", "magenta", "grey")
+
+
+def write_images(root: Path, counts: dict[str, int], size: int = 16) -> None:
+    """``root/<class>/<i>.png``: the class's colour with a little noise (every file distinct)."""
+    rng = np.random.default_rng(0)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            noise = rng.integers(-25, 26, (size, size, 3))
+            pixels = np.clip(np.array(COLOURS[name]) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index:03d}.png")
+
+
+def prepared_with(tmp_path: Path, counts: dict[str, int]) -> Prepared:
+    raw = tmp_path / "raw"
+    write_images(raw, counts)
+    params = with_changes(PARAMS.prepare, image_size=[16, 16], min_images_per_class=12, other_class="other")  # fmt: skip
+    prepare(params, raw, tmp_path / "prepared")
+    return Prepared.open(tmp_path / "prepared")
+
+
+def test_the_specialist_sees_the_merged_classes_under_their_own_names(tmp_path):
+    prepared = prepared_with(tmp_path, {"red": 20, "green": 20, "cyan": 8, "grey": 9})
+    assert prepared.classes == ["green", "other", "red"]
+
+    subset = prepared.specialist("other")
+
+    assert subset.classes == ["cyan", "grey"]
+    assert sorted(subset.manifest["label"]) == ["cyan"] * 8 + ["grey"] * 9
+    for split in ("train", "val", "test"):  # the same pixels as the rows they came from
+        rows = subset.rows(split)
+        if len(rows):
+            images, labels = subset.load(split)
+            assert [subset.classes[i] for i in labels] == list(rows["source_label"])
+            red_share = images[..., 0].mean() / 255
+            assert red_share < 0.6  # cyan and grey, never the big red class
+
+
+def test_a_merged_class_without_training_images_is_an_error_naming_the_counts(tmp_path):
+    prepared = prepared_with(tmp_path, {"red": 20, "green": 20, "cyan": 8, "grey": 9})
+    manifest = prepared.manifest
+    no_cyan_to_train = manifest[
+        ~((manifest["source_label"] == "cyan") & (manifest["split"] == "train"))
+    ]
+    grey = int(((manifest["source_label"] == "grey") & (manifest["split"] == "train")).sum())
+    broken = Prepared(prepared.root, prepared.classes, no_cyan_to_train, prepared.image_size)
+
+    with pytest.raises(StageError) as caught:
+        broken.specialist("other")
+
+    message = str(caught.value)
+    assert "at least 2 classes merged into 'other', each with a training image" in message
+    assert "'cyan': {'train': 0," in message and f"'grey': {{'train': {grey}," in message
+    with pytest.raises(StageError, match="at least 2 classes merged into 'green'"):
+        prepared.specialist("green")  # a class nothing was merged into
+
+
+def test_the_specialist_needs_an_other_class():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["other_specialist"] = True
+    with pytest.raises(ParamsError, match="prepare.other_class is null"):
+        parse_params(raw)
+    raw["prepare"]["other_class"] = "other"
+    assert parse_params(raw).train.other_specialist
+
+
+def lock_entries(project: Path) -> dict:
+    return yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+
+
+def dvc_status(project: Path) -> dict:
+    """``dvc status`` through DVC's Python API: the stages that would run, and why."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        return {name.split(":")[-1]: why for name, why in repo.status().items()}
+
+
+@pytest.mark.slow
+def test_dvc_repro_trains_exports_and_predicts_through_the_cascade(tmp_path):
+    source = tmp_path / "photos"
+    write_images(source, {**dict.fromkeys(LARGE, 24), **dict.fromkeys(SMALL, 12)})
+    params = {
+        **SHRUNK,
+        "fetch": {"source": str(source)},
+        "prepare": {"image_size": [16, 16], "min_images_per_class": 15, "other_class": "other",
+                    "val_fraction": 0.2, "test_fraction": 0.25},
+        "train": {"epochs": 12, "early_stopping_patience": 0, "learning_rate": 0.003,
+                  "other_specialist": True},
+        "evaluate": {"explain": 0, "errors": 0},
+    }  # fmt: skip
+    project = make_project(tmp_path / "project", params)
+
+    run(["dvc", "repro"], project)
+
+    assert (project / "models/other.onnx").stat().st_size > 0
+    info = json.loads((project / "models/other.json").read_text())
+    assert info["enabled"] and info["classes"] == sorted(SMALL)
+    figures = json.loads((project / "metrics/eval.json").read_text())["other_specialist"]
+    assert figures["cascade_accuracy"] >= 0.8 and figures["accuracy"] >= 0.8, figures
+    assert "Specialist for `other`" in (project / "models/MODEL_CARD.md").read_text()
+    assert dvc_status(project) == {}  # a no-op `dvc repro` would run nothing
+
+    test_rows = Prepared.open(project / "data/prepared").rows("test")
+    small = test_rows[test_rows["label"] == "other"].iloc[0]
+    image = str(project / "data/raw" / Path(small["path"]).relative_to("images"))
+    if not Path(image).exists():
+        image = str(project / "data/raw" / small["path"])
+    text = run(["python", "-m", "tasks.predict", image], project).stdout
+    assert f"other › {small['source_label']} (" in text
+    answer = json.loads(run(["python", "-m", "tasks.predict", "--json", image], project).stdout)
+    prediction = answer["predictions"][0]
+    assert prediction["top_label"] == "other" and prediction["label"] == small["source_label"]
+    assert prediction["specialist"]["label"] == small["source_label"]
+    assert answer["specialist"]["refines"] == "other"
+
+    # Only a specialist param changes: DVC says only train_other changed, and the main
+    # model's stages keep their lock entries (fetch, prepare, backbone, train did not run).
+    before = lock_entries(project)
+    set_params(project, {"train": {"other_specialist": False}})
+    assert set(dvc_status(project)) == {"train_other"}
+    run(["dvc", "repro"], project)
+    after = lock_entries(project)
+    for stage in ("fetch", "prepare", "backbone", "train"):
+        assert after[stage] == before[stage], stage
+    assert after["train_other"] != before["train_other"]
+    assert (project / "models/other.onnx").stat().st_size == 0
+    assert "other_specialist" not in json.loads((project / "metrics/eval.json").read_text())
+    assert dvc_status(project) == {}
+    answer = json.loads(run(["python", "-m", "tasks.predict", "--json", image], project).stdout)
+    assert answer["specialist"] is None and answer["predictions"][0]["specialist"] is None
