@@ -250,11 +250,17 @@ def _specialist_section(info: dict[str, Any] | None, figures: dict[str, Any]) ->
         f"an image the main model calls `{other}` gets the specialist's class.",
         "",
     ]
+    names = {
+        "test_images": "specialist test images",
+        "accuracy": "specialist test accuracy",
+        "macro_f1": "specialist test macro F1",
+        "cascade_accuracy": "cascade test accuracy (every class before merging)",
+        "cascade_macro_f1": "cascade test macro F1",
+    }
     rows = [
         ("training images", info["train_images"]),
         ("epochs run", info["epochs_run"]),
         ("best epoch", info["best_epoch"]),
-        *((f"specialist test {key}", figures[key]) for key in ("accuracy", "macro_f1", "test_images") if key in figures),
-        *((key.replace("_", " "), figures[key]) for key in ("cascade_accuracy", "cascade_macro_f1") if key in figures),
-    ]  # fmt: skip
+        *((name, figures[key]) for key, name in names.items() if key in figures),
+    ]
     return out + _table(("fact", "value"), rows)
