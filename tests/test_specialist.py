@@ -151,3 +151,52 @@ def test_dvc_repro_trains_exports_and_predicts_through_the_cascade(tmp_path):
     assert dvc_status(project) == {}
     answer = json.loads(run(["python", "-m", "tasks.predict", "--json", image], project).stdout)
     assert answer["specialist"] is None and answer["predictions"][0]["specialist"] is None
+
+
+@pytest.mark.slow
+def test_with_a_pretrained_backbone_the_specialist_reuses_the_train_stages_features(
+    tmp_path, monkeypatch
+):
+    import tasks.features
+    from tasks.features import cache_key, extract_features
+    from tasks.safety import load_model_safely
+    from tasks.train import TrainPaths, train
+    from tests.test_feature_cache import make_backbone
+
+    full = prepared_with(tmp_path, {"red": 20, "green": 20, "cyan": 10, "grey": 10})
+    subset = full.specialist("other")
+    path, info = make_backbone(tmp_path, seed=1)  # simple_cnn flagged pretrained: frozen
+    extracted: list[int] = []  # images per extraction call
+
+    def spy(backbone, prepared, split, *args, **kwargs):
+        extracted.append(prepared.count(split))
+        return extract_features(backbone, prepared, split, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.features, "extract_features", spy)
+    params = with_changes(PARAMS.train, epochs=2, early_stopping_patience=0, pooling="avg")
+
+    def fit(data: Prepared, name: str, features: Path, whole: Prepared | None = None):
+        paths = TrainPaths(tmp_path / name / "m.keras", tmp_path / name / "backup", features)
+        return train(params, load_model_safely(path, compile=False), info, data, paths, path, whole)
+
+    fit(full, "main", tmp_path / "features")
+    assert extracted == [full.count("train"), full.count("val")]
+    result = fit(subset, "other", tmp_path / "features", full)
+    assert extracted == [full.count("train"), full.count("val")]  # sliced, not extracted again
+    assert result.used_feature_cache and result.model.output_shape == (None, 2)
+
+    # The slices are the subset's own features, row for row.
+    key = cache_key(path, full, "avg", params.feature_engine)
+    cached = tasks.features.subset_features(tmp_path / "features", key, None, full, subset, "avg")
+    backbone = load_model_safely(path, compile=False)
+    for split in ("train", "val"):
+        direct = extract_features(backbone, subset, split, "avg", 16)
+        np.testing.assert_allclose(cached[split], direct, atol=1e-4)
+    del extracted[2:]  # the direct extractions above
+
+    # Without the train stage's cache, only the subset's images are extracted, and not stored.
+    alone = tasks.features.subset_features(tmp_path / "none", key, backbone, full, subset, "avg")
+    assert extracted[2:] == [subset.count("train"), subset.count("val")]
+    assert not (tmp_path / "none").exists()
+    for split in ("train", "val"):
+        np.testing.assert_allclose(alone[split], cached[split], atol=1e-4)
