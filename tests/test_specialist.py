@@ -200,3 +200,57 @@ def test_with_a_pretrained_backbone_the_specialist_reuses_the_train_stages_featu
     assert not (tmp_path / "none").exists()
     for split in ("train", "val"):
         np.testing.assert_allclose(alone[split], cached[split], atol=1e-4)
+
+
+def channel_model(classes: list[str], gains: dict[str, tuple[float, float, float]], **metadata):
+    """A real ONNX classifier whose logit for a class is its gains · the mean RGB."""
+    from tests.test_predict import SIZE, linear_model
+
+    weights = np.zeros((*SIZE, 3, len(classes)), np.float32)
+    for index, name in enumerate(classes):
+        for channel, gain in enumerate(gains[name]):
+            weights[:, :, channel, index] = gain / (SIZE[0] * SIZE[1])
+    return linear_model(weights.reshape(-1, len(classes)), classes, metadata=metadata)
+
+
+def test_tlp_predict_chains_the_specialist_found_next_to_the_model(tmp_path, capsys):
+    from tests.test_predict import run_predict, save, solid
+
+    main = {"red": (0.05, 0, 0), "green": (0, 0.05, 0), "other": (0, 0, 0.05)}
+    model = save(channel_model(list(main), main), tmp_path / "models/model.onnx")
+    fine = {"navy": (0, 0, 0.05), "sky": (0, 0.1, 0)}
+    specialist = channel_model(list(fine), fine, specialist_of="other")
+    save(specialist, tmp_path / "models/other.onnx")
+    navy = solid(tmp_path / "navy.png", (10, 10, 250))
+    sky = solid(tmp_path / "sky.png", (10, 200, 250))
+    red = solid(tmp_path / "red.png", (250, 10, 10))
+
+    code, out, err = run_predict(["--model", model, navy, sky, red], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{navy}: other › navy (") and " × " in lines[0]
+    assert lines[1].startswith(f"{sky}: other › sky (")
+    assert lines[2].startswith(f"{red}: red (")
+
+    code, out, err = run_predict(["--model", model, "--jsonl", navy, red], capsys)
+    first, second = (json.loads(line) for line in out.splitlines())
+    assert (first["label"], first["top_label"], first["specialist"]["label"]) == (
+        "navy",
+        "other",
+        "navy",
+    )
+    assert [r["label"] for r in first["specialist"]["top_k"]] == ["navy", "sky"]
+    assert second["label"] == "red" and second["specialist"] is None
+
+    code, out, err = run_predict(["--model", model, "--json", "--specialist", "none", navy], capsys)
+    document = json.loads(out)
+    assert document["specialist"] is None and document["predictions"][0]["label"] == "other"
+
+    # A specialist of a class the model does not have is refused, naming both.
+    save(channel_model(list(fine), fine, specialist_of="dog"), tmp_path / "models/other.onnx")
+    code, out, err = run_predict(["--model", model, navy], capsys)
+    assert code == 1 and "'dog'" in err and "--specialist none" in err
+    # The export_other stage's empty placeholder (specialist off): the model alone.
+    (tmp_path / "models/other.onnx").write_bytes(b"")
+    code, out, err = run_predict(["--model", model, navy], capsys)
+    assert code == 0 and out.startswith(f"{navy}: other (")
