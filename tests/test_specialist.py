@@ -88,6 +88,19 @@ def test_the_specialist_needs_an_other_class():
     assert parse_params(raw).train.other_specialist
 
 
+def test_the_train_stage_lists_every_train_key_but_the_specialists_switch():
+    """The main model re-runs for every train key but train.other_specialist; the
+    specialist, which trains with the same settings, for every one."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    listed = {key.removeprefix("train.") for key in stages["train"]["params"]}
+    wanted = set(type(PARAMS.train).model_fields) - {"other_specialist"}
+    assert listed == wanted, (
+        f"dvc.yaml, stage train, params: add {sorted(f'train.{k}' for k in wanted - listed)}, "
+        f"remove {sorted(f'train.{k}' for k in listed - wanted)}"
+    )
+    assert "train" in stages["train_other"]["params"]
+
+
 def lock_entries(project: Path) -> dict:
     return yaml.safe_load((project / "dvc.lock").read_text())["stages"]
 
