@@ -183,8 +183,9 @@ def evaluate_cascade(
         params: the ``evaluate`` section.
 
     Returns:
-        The figures (``cascade_accuracy``, ``cascade_macro_f1``, the specialist's
-        ``accuracy``, ``macro_f1``, ``test_images``), and the specialist's quality problems.
+        The figures (the specialist's ``accuracy``, ``macro_f1`` and ``test_images``,
+        ``cascade_accuracy``, ``cascade_macro_f1``, and ``routed_images``: the test images
+        the main model sent to the specialist), and the specialist's quality problems.
     """
     other, classes = info["specialist_of"], info["classes"]
     true_fine = prepared.rows("test")["source_label"].to_numpy(object)

@@ -35,11 +35,11 @@ def write_images(root: Path, counts: dict[str, int], size: int = 16) -> None:
             Image.fromarray(pixels).save(root / name / f"{index:03d}.png")
 
 
-def prepared_with(tmp_path: Path, counts: dict[str, int]) -> Prepared:
+def prepared_with(tmp_path: Path, counts: dict[str, int], **changes) -> Prepared:
     raw = tmp_path / "raw"
     write_images(raw, counts)
-    params = with_changes(PARAMS.prepare, image_size=[16, 16], min_images_per_class=12, other_class="other")  # fmt: skip
-    prepare(params, raw, tmp_path / "prepared")
+    settings = {"image_size": [16, 16], "min_images_per_class": 12, "other_class": "other"}
+    prepare(with_changes(PARAMS.prepare, **{**settings, **changes}), raw, tmp_path / "prepared")
     return Prepared.open(tmp_path / "prepared")
 
 
@@ -267,3 +267,38 @@ def test_tlp_predict_chains_the_specialist_found_next_to_the_model(tmp_path, cap
     (tmp_path / "models/other.onnx").write_bytes(b"")
     code, out, err = run_predict(["--model", model, navy], capsys)
     assert code == 0 and out.startswith(f"{navy}: other (")
+
+
+class ByColour:
+    """A stand-in specialist for cyan vs grey: cyan's red channel is low, grey's is not."""
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        grey = images[..., 0].mean(axis=(1, 2)) > 80
+        return np.stack([~grey, grey], axis=1).astype(np.float32)
+
+
+def test_the_cascade_is_scored_over_the_classes_before_merging(tmp_path):
+    from tasks.evaluate import evaluate_cascade
+
+    counts = {"red": 20, "green": 20, "cyan": 11, "grey": 11}
+    prepared = prepared_with(tmp_path, counts, test_fraction=0.4)
+    test = prepared.rows("test")
+    assert {"cyan", "grey"} <= set(test["source_label"])
+    y_pred = test["label_index"].to_numpy().copy()  # the main model right everywhere...
+    other = prepared.classes.index("other")
+    first_red = int(np.flatnonzero(test["label"] == "red")[0])
+    first_other = int(np.flatnonzero(test["label"] == "other")[0])
+    y_pred[first_red] = (
+        other  # ...but one red image sent to the specialist (wrong whatever it says)
+    )
+    y_pred[first_other] = prepared.classes.index("green")  # and one rare image called green
+    info = {"specialist_of": "other", "classes": ["cyan", "grey"]}
+    params = with_changes(PARAMS.evaluate, batch_size=2)
+
+    figures, problems = evaluate_cascade(ByColour(), info, prepared, y_pred, params)
+
+    assert figures["cascade_accuracy"] == pytest.approx((len(test) - 2) / len(test))
+    assert figures["routed_images"] == int((test["label"] == "other").sum())  # -1 +1
+    assert figures["accuracy"] == 1.0 and figures["test_images"] == (test["label"] == "other").sum()
+    assert problems == []
+    assert 0 < figures["cascade_macro_f1"] < 1
