@@ -35,11 +35,12 @@ class CardFacts:
     export: dict[str, Any]  # metrics/export.json
     model: str  # the float model's path, as the stage was given it
     int8_model: str  # the int8 model's path
+    specialist: dict[str, Any] | None = None  # models/other.json (the other class's specialist)
 
 
 def read_facts(
     info: Path, evaluation: Path, per_class: Path, source: Path, prepared: Prepared,
-    export: Path, model: Path, int8_model: Path,
+    export: Path, model: Path, int8_model: Path, specialist: Path | None = None,
 ) -> CardFacts:  # fmt: skip
     """Read the card's facts from the files the pipeline wrote.
 
@@ -52,6 +53,7 @@ def read_facts(
         export: ``metrics/export.json``.
         model: the float ONNX model's path.
         int8_model: the int8 model's path.
+        specialist: ``models/other.json``, the other class's specialist's info.
     """
     with per_class.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -65,6 +67,7 @@ def read_facts(
         export=read_json(export),
         model=str(model),
         int8_model=str(int8_model),
+        specialist=read_json(specialist) if specialist is not None else None,
     )
 
 
@@ -203,6 +206,7 @@ def render(facts: CardFacts) -> str:
         )
     else:
         out += ["No int8 model (`export.quantize: none`).", ""]
+    out += _specialist_section(facts.specialist, ev.get("other_specialist", {}))
     warnings = [*ev.get("warnings", []), *report.get("warnings", [])]
     out += [
         "## Intended use and limits",
@@ -230,3 +234,33 @@ def render(facts: CardFacts) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _specialist_section(info: dict[str, Any] | None, figures: dict[str, Any]) -> list[str]:
+    """The other class's specialist, when one was trained (``train.other_specialist``)."""
+    if not info or not info.get("enabled"):
+        return []
+    other, classes = info["specialist_of"], info["classes"]
+    out = [
+        f"## Specialist for `{other}`",
+        "",
+        f"A second model, trained on the images of the {len(classes)} classes merged into "
+        f"`{other}` with their own labels ({', '.join(f'`{c}`' for c in classes)}), on the same "
+        f"backbone. `tlp predict` chains the two when `other/model.onnx` lies next to the model: "
+        f"an image the main model calls `{other}` gets the specialist's class.",
+        "",
+    ]
+    names = {
+        "test_images": "specialist test images",
+        "accuracy": "specialist test accuracy",
+        "macro_f1": "specialist test macro F1",
+        "cascade_accuracy": "cascade test accuracy (every class before merging)",
+        "cascade_macro_f1": "cascade test macro F1",
+    }
+    rows = [
+        ("training images", info["train_images"]),
+        ("epochs run", info["epochs_run"]),
+        ("best epoch", info["best_epoch"]),
+        *((name, figures[key]) for key, name in names.items() if key in figures),
+    ]
+    return out + _table(("fact", "value"), rows)

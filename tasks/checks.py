@@ -39,6 +39,12 @@ def check_params(params: Params, weights_dir: Path | None = None, root: Path | N
     """
     problems = backbone_problems(params.backbone, params.prepare.image_size, weights_dir)
     problems += source_problems(params.fetch.source, root)
+    if params.train.other_specialist and not params.prepare.other_class:
+        problems.append(
+            "train.other_specialist: true trains a model on the classes merged into "
+            "prepare.other_class, but prepare.other_class is null; set it (e.g. other) or "
+            "set train.other_specialist: false"
+        )
     if problems:
         raise ParamsError(f"invalid params: {'; '.join(problems)}")
 

@@ -33,6 +33,7 @@ class Classifier:
     classes: list[str]
     image_size: tuple[int, int]
     preprocessing: str
+    specialist_of: str | None = None  # set on the other class's specialist (tasks.cascade)
 
 
 def _tensors_of_graph(graph) -> Iterator:
@@ -185,7 +186,10 @@ def load_classifier(path: str | Path, threads: int = 0) -> Classifier:
             f"{path}: input {INPUT_NAME!r} has shape {shape}, but the metadata says images are "
             f"{height}x{width} RGB (expected [batch, {height}, {width}, 3])"
         )
-    return Classifier(path, session, classes, (height, width), props.get("preprocessing", ""))
+    return Classifier(
+        path, session, classes, (height, width), props.get("preprocessing", ""),
+        props.get("specialist_of"),
+    )  # fmt: skip
 
 
 def probabilities(classifier: Classifier, pixels: np.ndarray) -> np.ndarray:

@@ -48,6 +48,37 @@ class Prepared:
             ) from None
         return cls(root, list(classes), manifest, tuple(report["image_size"]))
 
+    def specialist(self, other_class: str) -> Prepared:
+        """The images merged into ``other_class``, labelled with the classes they came from.
+
+        The specialist's dataset: the same shards, a subset of the rows (in manifest order),
+        ``classes`` the merged classes' own names.
+
+        Raises:
+            StageError: fewer than 2 classes were merged, or one has no training image.
+        """
+        if "source_label" not in self.manifest.columns:
+            raise StageError(f"{self.root} predates train.other_specialist; run the prepare stage")
+        merged = set(read_json(self.root / "report.json").get("merged_into_other", []))
+        rows = self.manifest[self.manifest["label"] == other_class].reset_index(drop=True)
+        classes = sorted(merged | set(rows["source_label"]))
+        counts = {
+            name: {s: int(((rows["source_label"] == name) & (rows["split"] == s)).sum())
+                   for s in ("train", "val", "test")}
+            for name in classes
+        }  # fmt: skip
+        if len(classes) < 2 or any(count["train"] == 0 for count in counts.values()):
+            raise StageError(
+                f"train.other_specialist needs at least 2 classes merged into {other_class!r}, "
+                f"each with a training image; got {counts or 'none'} (images per split). Add "
+                "images to those classes, raise prepare.min_images_per_class so more merge, "
+                "or set train.other_specialist: false"
+            )
+        index_of = {name: i for i, name in enumerate(classes)}
+        rows["label"] = rows["source_label"]
+        rows["label_index"] = rows["source_label"].map(index_of).astype("int64")
+        return Prepared(self.root, classes, rows, self.image_size)
+
     def digest(self) -> bytes:
         """A digest of the data: every image's content hash, label and split."""
         columns = self.manifest[["sha256", "label_index", "split"]].astype(str)

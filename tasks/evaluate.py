@@ -13,6 +13,11 @@ Writes:
 * ``explain.png``: Grad-CAM heat maps of test images, misclassified ones first;
 * ``errors.png``: the most confidently wrong test images.
 
+With the other class's specialist (``train.other_specialist``, :mod:`tasks.train_other`),
+the metrics also hold ``other_specialist``: the specialist's own figures on the test images
+of the merged classes, and the cascade's (``cascade_accuracy``, ``cascade_macro_f1``) over
+the classes as they were before merging; the specialist faces the same guards.
+
 A model no better than guessing is refused, not "Completed": when accuracy does not beat the
 baseline, when nearly all predictions fall in one class although the data is not that
 imbalanced, or when ``evaluate.min_accuracy`` / ``evaluate.min_macro_f1`` are set and
@@ -30,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from tasks.common import StageError, atomic_path, log, run_stage, write_json
+from tasks.common import StageError, atomic_path, log, read_json, run_stage, write_json
 from tasks.dataset import Prepared
 from tasks.params import EvaluateParams, load_params
 
@@ -161,6 +166,57 @@ def quality_problems(
     return problems
 
 
+def evaluate_cascade(
+    specialist, info: dict, prepared: Prepared, y_pred: np.ndarray, params: EvaluateParams
+) -> tuple[dict, list[str]]:
+    """The other class's specialist on its own test images, and the cascade over every class.
+
+    The cascade answers the main model's class, or, when that is ``info["specialist_of"]``,
+    the specialist's; it is scored against each test image's class before merging
+    (``source_label``). The specialist gets the same quality guards as the main model.
+
+    Args:
+        specialist: the specialist Keras model (:mod:`tasks.train_other`).
+        info: its ``models/other.json``.
+        prepared: the prepared dataset.
+        y_pred: the main model's predicted class per test image (manifest order).
+        params: the ``evaluate`` section.
+
+    Returns:
+        The figures (the specialist's ``accuracy``, ``macro_f1`` and ``test_images``,
+        ``cascade_accuracy``, ``cascade_macro_f1``, and ``routed_images``: the test images
+        the main model sent to the specialist), and the specialist's quality problems.
+    """
+    other, classes = info["specialist_of"], info["classes"]
+    true_fine = prepared.rows("test")["source_label"].to_numpy(object)
+    fine_pred = np.asarray(prepared.classes, dtype=object)[y_pred]
+    routed = np.flatnonzero(fine_pred == other)
+    for start in range(0, len(routed), params.batch_size):
+        batch = routed[start : start + params.batch_size]
+        scores = specialist.predict_on_batch(prepared.take("test", batch).astype(np.float32))
+        fine_pred[batch] = np.asarray(classes, dtype=object)[np.asarray(scores).argmax(axis=1)]
+    present = sorted(set(true_fine))
+    figures = {
+        "cascade_accuracy": float(np.mean(fine_pred == true_fine)),
+        "cascade_macro_f1": float(skm.f1_score(true_fine, fine_pred, labels=present, average="macro", zero_division=0)),
+        "routed_images": int(len(routed)),
+    }  # fmt: skip
+    subset = prepared.specialist(other)
+    if subset.count("test") == 0:
+        log.warning(
+            "evaluate: no test image of the classes merged into %r; specialist unscored", other
+        )
+        figures["test_images"] = 0
+        return figures, []
+    probabilities, y_true = predict_split(specialist, subset, "test", params.batch_size)
+    own = compute_metrics(probabilities, y_true, subset.classes, params.top_k)
+    problems = [
+        f"specialist for {other!r}: {p}" for p in quality_problems(own, subset.classes, params)
+    ]
+    keys = ("accuracy", "macro_f1", "test_images")
+    return {**{key: own.metrics[key] for key in keys}, **figures}, problems
+
+
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> None:
     """Save the confusion matrix as a PNG (counts, with row-normalised colour)."""
     import matplotlib
@@ -207,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", required=True, type=Path, help="per-class metrics CSV")
     parser.add_argument("--explain", required=True, type=Path, help="Grad-CAM sheet PNG")
     parser.add_argument("--errors", required=True, type=Path, help="error gallery PNG")
+    parser.add_argument("--specialist", type=Path, help="the other class's specialist (.keras)")
+    parser.add_argument("--specialist-info", type=Path, help="its info: enabled or not")
     args = parser.parse_args(argv)
 
     def body() -> None:
@@ -221,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = compute_metrics(probabilities, y_true, classes, params.top_k)
         m = evaluation.metrics
         problems = quality_problems(evaluation, classes, params)
+        info = read_json(args.specialist_info) if args.specialist_info else {}
+        if info.get("enabled"):  # the cascade's figures, after every main-model figure
+            specialist = load_model_safely(args.specialist, compile=False)
+            m["other_specialist"], more = evaluate_cascade(
+                specialist, info, prepared, evaluation.y_pred, params
+            )
+            problems += more
         if problems and not params.allow_weak:
             raise StageError(
                 f"refusing the model: {'; '.join(problems)}. Likely fixes: {FIXES}. To write "

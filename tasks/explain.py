@@ -224,6 +224,9 @@ def contact_sheet(
     Returns:
         The name of the explained layer.
     """
+    if len(images) == 0:  # evaluate.explain: 0 (Grad-CAM of no image is no batch at all)
+        sheet([], "Grad-CAM", path, "no test images explained (evaluate.explain: 0)")
+        return "none"
     explained = gradcam(model, images, layer=layer)
     predicted = explained.probabilities.argmax(axis=1)
     tiles = [

@@ -80,6 +80,8 @@ def to_onnx(model, info: dict, opset: int):
         "arch": info["backbone"]["arch"],
         "producer": "tlp",
     }
+    if info.get("specialist_of"):  # the other class's specialist: the main class it refines
+        metadata["specialist_of"] = info["specialist_of"]
     onnx.helper.set_model_props(proto, metadata)
     proto.doc_string = "tlp transfer-learning classifier"
     return proto
@@ -171,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-metrics", required=True, type=Path, help="card: test metrics")
     parser.add_argument("--per-class", required=True, type=Path, help="card: per-class CSV")
     parser.add_argument("--source", required=True, type=Path, help="card: fetch's source.json")
+    parser.add_argument("--specialist-info", type=Path, help="card: the other class's specialist")
     args = parser.parse_args(argv)
 
     def body() -> None:
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.metrics, metrics)
         facts = card.read_facts(
             args.info, args.eval_metrics, args.per_class, args.source, prepared, args.metrics,
-            args.out, args.int8_out / INT8_NAME,
+            args.out, args.int8_out / INT8_NAME, args.specialist_info,
         )  # fmt: skip
         with atomic_path(args.card) as tmp:
             tmp.write_text(card.render(facts), encoding="utf-8")

@@ -103,6 +103,53 @@ def cached_features(
     return features
 
 
+def training_features(
+    folder: Path, backbone_file: Path, backbone, prepared: Prepared, pooling: str, engine: str,
+    full: Prepared | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """The head's training features: :func:`cached_features` of ``prepared``, or, when it
+    is a subset of ``full`` (the other-class specialist), :func:`subset_features`."""
+    if full is None:
+        key = cache_key(backbone_file, prepared, pooling, engine)
+        return cached_features(folder, key, backbone, prepared, pooling, engine)
+    key = cache_key(backbone_file, full, pooling, engine)
+    return subset_features(folder, key, backbone, full, prepared, pooling, engine)
+
+
+def subset_features(
+    folder: Path, key: str, backbone, full: Prepared, subset: Prepared, pooling: str,
+    engine: str = "keras",
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """The features of ``subset`` (some rows of ``full``), from ``full``'s cache entry if any.
+
+    The other-class specialist trains on a subset of the images the train stage cached:
+    its vectors are sliced from entry ``key`` (read only: the folder is the train stage's
+    output). Without that entry, only the subset's features are extracted, and not stored.
+
+    Returns:
+        ``{"train": ..., "val": ...}`` float32, in ``subset``'s manifest order.
+    """
+    import pandas as pd
+
+    target = folder / key
+    if all((target / f"{s}.npy").exists() for s in SPLITS):
+        log.info("feature cache hit (the whole dataset's): %s", target)
+        sliced = {}
+        for split in SPLITS:
+            wanted = pd.MultiIndex.from_frame(subset.rows(split)[["shard", "offset"]])
+            rows = pd.MultiIndex.from_frame(full.rows(split)[["shard", "offset"]])
+            sliced[split] = np.asarray(
+                np.load(target / f"{split}.npy", mmap_mode="r")[rows.isin(wanted)]
+            )
+        return sliced
+    log.info("no cached features of the whole dataset; extracting the subset's only")
+    sample = subset.load("train", limit=2)[0].astype(np.float32)
+    extractor = feature_extractor(backbone, pooling, engine, sample if len(sample) else None)
+    return {
+        s: extract_features(backbone, subset, s, pooling, EXTRACT_BATCH, extractor) for s in SPLITS
+    }
+
+
 @dataclass
 class FeatureExtractor:
     """The frozen backbone plus pooling, as a function of a float32 pixel batch."""

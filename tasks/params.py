@@ -220,6 +220,11 @@ class TrainParams(_Section):
     )
     seed: int = Field(..., ge=0, le=MAX_SEED)
     fine_tune: FineTuneParams
+    other_specialist: bool = Field(
+        ...,
+        description="also train a model on the classes merged into prepare.other_class "
+        "(stages train_other, export_other); needs prepare.other_class",
+    )
 
     @field_validator("monitor")
     @classmethod

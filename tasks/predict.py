@@ -23,6 +23,9 @@ labelled ``other``. ``other`` is not one of the model's classes and has no proba
 probability shown is always the best class's, named beside it (``top_label``,
 ``top_probability`` and ``below_min_confidence`` in JSON).
 
+With the other class's specialist next to the model, its class refines the model's ``other``
+(``other › beagle (0.81 × 0.92)``; in JSON ``label`` and ``specialist``): :mod:`tasks.cascade`.
+
 Exit status: 0 when at least one image was classified (the others are listed with their
 reason: on stderr, under ``errors`` in ``--json``, as ``{"path", "error"}`` lines in
 ``--jsonl``); 1 when the model cannot be used or no image could be classified, or with
@@ -43,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 # tasks.imaging, not tasks.prepare: that one imports pandas and pydantic (~0.5 s of start-up).
+from tasks.cascade import SPECIALIST_FILE, Specialist, find_specialist, refine, text_line
 from tasks.classifier import Classifier, PredictError, load_classifier, probabilities
 from tasks.imaging import IMAGE_SUFFIXES, Decoded, Item, decode, decode_in_order
 
@@ -79,6 +83,7 @@ class Prediction:
     top_probability: float
     below_min_confidence: bool
     top_k: list[dict[str, float | str]] = field(default_factory=list)
+    specialist: dict | None = None  # the specialist's label, probability, top_k (tasks.cascade)
 
 
 @dataclass
@@ -173,6 +178,7 @@ def classify(
     paths: Sequence[str],
     top_k: int,
     min_confidence: float,
+    specialist: Specialist | None = None,
 ) -> list[Prediction]:
     """Run a batch of uint8 images and rank the classes.
 
@@ -182,6 +188,7 @@ def classify(
         paths: the images' paths, for the answers.
         top_k: how many classes to list per image (capped at the number of classes).
         min_confidence: below this top-1 probability the answer is ``other``.
+        specialist: the other class's specialist, which refines that class's answers.
 
     Returns:
         One :class:`Prediction` per image.
@@ -195,6 +202,8 @@ def classify(
         below = best < min_confidence
         label = OTHER_LABEL if below else ranked[0]["label"]
         answers.append(Prediction(path, label, ranked[0]["label"], best, below, ranked))
+    if specialist is not None:
+        refine(specialist, pixels, answers, top_k)
     return answers
 
 
@@ -206,6 +215,7 @@ def predict(
     min_confidence: float = 0.0,
     batch_size: int = 32,
     workers: int = 0,
+    specialist: Specialist | None = None,
 ) -> Iterator[Prediction | Failure]:
     """Classify images batch by batch, yielding one result per input, in order.
 
@@ -219,6 +229,7 @@ def predict(
         min_confidence: below this top-1 probability the label is ``other``.
         batch_size: images per ONNX Runtime call.
         workers: decoding threads; 0 = number of CPUs.
+        specialist: the other class's specialist (:func:`tasks.cascade.find_specialist`).
 
     Yields:
         A :class:`Prediction`, or a :class:`Failure` for an input that could not be decoded.
@@ -230,18 +241,19 @@ def predict(
     for result in decode_in_order(items, limits, threads, window=2 * batch_size):
         chunk.append(result)
         if len(chunk) == batch_size:
-            yield from _classify_chunk(classifier, chunk, top_k, min_confidence)
+            yield from _classify_chunk(classifier, chunk, top_k, min_confidence, specialist)
             chunk = []
-    yield from _classify_chunk(classifier, chunk, top_k, min_confidence)
+    yield from _classify_chunk(classifier, chunk, top_k, min_confidence, specialist)
 
 
 def _classify_chunk(
-    classifier: Classifier, chunk: list[Decoded], top_k: int, min_confidence: float
-) -> Iterator[Prediction | Failure]:
+    classifier: Classifier, chunk: list[Decoded], top_k: int, min_confidence: float,
+    specialist: Specialist | None,
+) -> Iterator[Prediction | Failure]:  # fmt: skip
     good = [result for result in chunk if result.pixels is not None]
     answers = iter(
         classify(classifier, np.stack([r.pixels for r in good]), [r.item.path for r in good],
-                 top_k, min_confidence) if good else []
+                 top_k, min_confidence, specialist) if good else []
     )  # fmt: skip
     for result in chunk:
         yield Failure(result.item.path, result.reason) if result.pixels is None else next(answers)
@@ -295,6 +307,10 @@ def build_parser(prog: str = "tlp predict") -> argparse.ArgumentParser:
         help=f"answer {OTHER_LABEL!r} when the best class's probability is below P (default: 0,"
         " never); the probability shown stays the best class's",
     )
+    parser.add_argument(
+        "--specialist", metavar="PATH", help="the other class's specialist (default: "
+        f"{SPECIALIST_FILE} next to --model, if there; 'none': the model alone)",
+    )  # fmt: skip
     output = parser.add_mutually_exclusive_group()
     output.add_argument(
         "--json",
@@ -326,15 +342,6 @@ def build_parser(prog: str = "tlp predict") -> argparse.ArgumentParser:
         "--strict", action="store_true", help="exit 1 if any input could not be classified"
     )
     return parser
-
-
-def _text_line(prediction: Prediction, min_confidence: float) -> str:
-    ranked = ", ".join(f"{r['label']} {r['probability']:.3f}" for r in prediction.top_k)
-    best = f"{prediction.top_label} {prediction.top_probability:.3f}"
-    if prediction.below_min_confidence:
-        why = f"best class {best}, under --min-confidence {min_confidence:g}"
-        return f"{prediction.path}: {prediction.label} ({why})  [{ranked}]"
-    return f"{prediction.path}: {prediction.label} ({prediction.top_probability:.3f})  [{ranked}]"
 
 
 def _progress_bar(args: argparse.Namespace):
@@ -371,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
         classifier = load_classifier(args.model, threads=max(args.threads, 0))
+        specialist = None if args.specialist == "none" else find_specialist(
+            args.model, classifier, args.specialist and Path(args.specialist), max(args.threads, 0)
+        )  # fmt: skip
     except PredictError as exc:
         print(f"ERROR: predict: {exc}", file=sys.stderr)
         return 1
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     for result in predict(
         classifier, iter_inputs(args.inputs), top_k=args.top_k,
         min_confidence=args.min_confidence, batch_size=args.batch_size,
-        workers=max(args.threads, 0),
+        workers=max(args.threads, 0), specialist=specialist,
     ):  # fmt: skip
         if bar is not None:
             bar.update(1)
@@ -407,13 +417,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.jsonl:
             say(json.dumps(asdict(result)))
         else:
-            say(_text_line(result, args.min_confidence))
+            say(text_line(result, args.min_confidence))
     if bar is not None:
         bar.close()
     if args.json:
         document = {
             "model": str(args.model),
             "classes": classifier.classes,
+            "specialist": specialist and specialist.summary(),
             "image_size": list(classifier.image_size),
             "top_k": min(args.top_k, len(classifier.classes)),
             "min_confidence": args.min_confidence,

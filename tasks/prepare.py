@@ -4,7 +4,7 @@ Output layout (``--out``)::
 
     classes.json        class names; a label is an index into this list
     manifest.parquet    one row per kept image: path, label, label_index, split, sha256,
-                        width, height, shard, offset
+                        width, height, shard, offset, source_label (its class before merging)
     rejects.csv         path, reason for every file that could not be used
     report.json         counts per class and split, rejects by reason, warnings
     shards/<split>-<n>.npy   uint8 arrays (N, height, width, 3)
@@ -273,7 +273,8 @@ def _check_disk_space(params: PrepareParams, n_files: int, out: Path) -> None:
         )
 
 
-MANIFEST_COLUMNS = ("path", "label", "label_index", "split", "sha256", "width", "height", "shard", "offset")  # fmt: skip
+# source_label: the class the image came with, before prepare.other_class merged small ones.
+MANIFEST_COLUMNS = ("path", "label", "label_index", "split", "sha256", "width", "height", "shard", "offset", "source_label")  # fmt: skip
 
 
 def _prepare_items(
@@ -334,6 +335,7 @@ def _prepare_items(
     mapping, final = _resolve_classes(Counter(row["label"] for row in rows), classes, params)
     index_of = {c: i for i, c in enumerate(final)}
     for row in rows:
+        row["source_label"] = row["label"]
         row["label"] = mapping[row["label"]]
         row["label_index"] = index_of[row["label"]]
 

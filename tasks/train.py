@@ -59,7 +59,7 @@ from tasks.common import (
     write_json,
 )
 from tasks.dataset import EpochClock, Prepared
-from tasks.features import cache_key, cached_features, open_cache
+from tasks.features import open_cache, training_features
 from tasks.network import (
     apply,
     augmentation,
@@ -114,6 +114,7 @@ def train(
     prepared: Prepared,
     paths: TrainPaths,
     backbone_file: Path,
+    full: Prepared | None = None,
 ) -> TrainResult:
     """Train the head (and optionally fine-tune) and return the best model.
 
@@ -124,6 +125,8 @@ def train(
         prepared: the prepared dataset.
         paths: checkpoint, backup and feature-cache locations.
         backbone_file: the backbone's file, hashed into the resume fingerprint.
+        full: the whole dataset when ``prepared`` is a subset of it (the other-class
+            specialist): the features the train stage cached for it are reused, read only.
 
     Returns:
         A :class:`TrainResult` whose ``model`` maps raw pixels to class probabilities.
@@ -161,10 +164,9 @@ def train(
     if use_cache:
         # The head alone trains on the backbone's pooled features, computed once; it shares
         # its layers with `model`, which therefore ends up with the trained head.
-        features = cached_features(
-            paths.features or paths.backup / "features",
-            cache_key(backbone_file, prepared, params.pooling, params.feature_engine),
-            backbone, prepared, params.pooling, params.feature_engine,
+        features = training_features(
+            paths.features or paths.backup / "features", backbone_file, backbone, prepared,
+            params.pooling, params.feature_engine, full,
         )  # fmt: skip
         pooled_already = head[1:] if feature_rank == 3 else head
         feature_input = keras.Input(features["train"].shape[1:], name="features")

@@ -28,7 +28,16 @@ import pytest
 
 from tests.conftest import SHRUNK, make_project, run
 
-STAGES = ["fetch", "prepare", "backbone", "train", "evaluate", "export"]
+STAGES = [
+    "fetch",
+    "prepare",
+    "backbone",
+    "train",
+    "train_other",
+    "evaluate",
+    "export_other",
+    "export",
+]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 

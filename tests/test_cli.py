@@ -24,7 +24,16 @@ from flows.workspace import (
 from tasks.params import ParamsError
 from tests.conftest import ROOT, run, set_params
 
-STAGES = ["fetch", "prepare", "backbone", "train", "evaluate", "export"]
+STAGES = [
+    "fetch",
+    "prepare",
+    "backbone",
+    "train",
+    "train_other",
+    "evaluate",
+    "export_other",
+    "export",
+]
 
 
 def tlp(cwd, *args, check=True, **env):
@@ -100,7 +109,7 @@ def test_status_shows_stages_in_graph_order_and_why_they_would_rerun(project):
     assert rows["fetch"]["status"] == "up to date"
     text = tlp(project, "status").stdout
     assert text.splitlines()[0].split() == ["stage", "status", "why"]
-    assert [line.split()[0] for line in text.splitlines()[1:7]] == STAGES
+    assert [line.split()[0] for line in text.splitlines()[1:9]] == STAGES
 
 
 def test_status_names_the_run_in_progress(project):

@@ -312,7 +312,9 @@ def test_jsonl_streams_one_object_per_image_in_input_order(tmp_path, model_file,
     assert [a["label"] for a in answers] == [COLORS[i % 3] for i in range(7)]
     assert set(answers[0]) == {
         "path", "label", "top_label", "top_probability", "below_min_confidence", "top_k",
+        "specialist",
     }  # fmt: skip
+    assert answers[0]["specialist"] is None  # no other/model.onnx beside the model
     assert "7 classified, 1 skipped" in err
 
 

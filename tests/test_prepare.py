@@ -398,6 +398,7 @@ def test_manifest_shards_and_report_describe_the_same_images(tmp_path):
     manifest = pd.read_parquet(out / "manifest.parquet")
     assert list(manifest.columns) == [
         "path", "label", "label_index", "split", "sha256", "width", "height", "shard", "offset",
+        "source_label",
     ]  # fmt: skip
     assert len(manifest) == result.n_images == 35 and result.n_rejected == 0
     for shard in sorted((out / "shards").iterdir()):

@@ -95,7 +95,7 @@ def test_a_run_failing_at_backbone_leaves_params_outputs_and_dvc_status_as_befor
     # prepare's output from DVC's run cache instead of running it.
     again = run(command, project, check=False, env=env, timeout=900)
     assert again.returncode == 1
-    assert "[2/6] prepare: restored in " in again.stdout + again.stderr
+    assert "[2/8] prepare: restored in " in again.stdout + again.stderr
     assert workspace_state(project) == before
 
 
