@@ -162,9 +162,10 @@ def test_simple_cnn_is_seeded_and_takes_raw_pixels():
     assert weights_equal(first.get_weights(), again.get_weights())
     assert not weights_equal(first.get_weights(), other.get_weights())
     assert info.preprocessing == "rescale" and not info.pretrained and info.weights == "none"
-    assert info.feature_shape == (4, 4, 64)  # 16 -> two 2x2 poolings, 64 filters
+    last = PARAMS.backbone.simple_cnn.filters[-1]
+    assert info.feature_shape == (4, 4, last)  # 16 -> two 2x2 poolings, the last block's filters
     pixels = np.full((1, 16, 16, 3), 255.0, np.float32)
-    assert first(pixels).shape == (1, 4, 4, 64)
+    assert first(pixels).shape == (1, 4, 4, last)
 
 
 @pytest.mark.parametrize(
