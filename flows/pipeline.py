@@ -105,7 +105,9 @@ def stage_task(stage: str) -> Task:
 
 @flow(name=FLOW_NAME, description="Fetch, prepare, train, evaluate and export, through DVC.")
 def pipeline(
-    overrides: dict[str, Any] | None = None, save_experiment: bool = True
+    overrides: dict[str, Any] | None = None,
+    save_experiment: bool = True,
+    project_dir: str | None = None,
 ) -> dict[str, str]:
     """Bring the whole pipeline up to date through DVC, one task per stage.
 
@@ -117,12 +119,14 @@ def pipeline(
             ``dvc.lock`` and the outputs back as they were.
         save_experiment: record the run as a DVC experiment (``dvc exp save``) when a
             stage ran, so ``dvc exp show`` compares runs side by side.
+        project_dir: the project to run in (a sweep's isolated clone); default: the one
+            ``TLP_PROJECT_DIR`` names, else the one around the current folder.
 
     Returns:
         Each stage's outcome (``ran``, ``cached``, ``restored``), in pipeline order.
     """
     logger, started = get_run_logger(), time.perf_counter()
-    root = project_root(os.environ.get("TLP_PROJECT_DIR"))
+    root = project_root(project_dir or os.environ.get("TLP_PROJECT_DIR"))
     run_name = flow_run.get_name()
     outcomes: list[StageOutcome] = []
     experiment = "none"

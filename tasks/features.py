@@ -9,6 +9,11 @@ backbone's content, the data, the pooling, the image size and the engine
 The extraction runs on ONNX Runtime by default (``train.feature_engine``): the extractor is
 converted with tf2onnx and checked against Keras on a sample first; Keras takes over if the
 conversion fails or disagrees.
+
+The folder may be shared by several workspaces at once (``tlp sweep`` links every isolated
+run's cache to the project's): each entry is read and written under its own file lock, so
+two runs that need the same features compute them once, and an entry in use is never
+evicted.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
 
 from tasks.common import atomic_path, log, model_digest, progress
 from tasks.dataset import Prepared
@@ -30,8 +37,7 @@ from tasks.onnx_io import cpu_session, keras_to_onnx
 EXTRACT_BATCH = 16  # the fastest VGG16/MobileNetV2 batch on CPU here; features don't depend on it
 FEATURE_OPSET = 17  # the extractor never leaves this process; any opset tf2onnx handles
 SPLITS = ("train", "val")
-# The folder is a DVC output, and DVC warns about an empty one on every run that uses no
-# cache (a backbone trained from scratch): this note keeps it from being empty.
+# What the folder is, for whoever finds it (it is a cache, not a DVC output: see dvc.yaml).
 NOTE = "README.txt"
 NOTE_TEXT = (
     "Backbone features cached by the train stage (tasks/features.py), one folder per\n"
@@ -60,7 +66,8 @@ def cached_features(
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Load the features for ``key`` from ``folder``, computing and storing them if absent.
 
-    Only one key is kept: features of older backbones or data are deleted.
+    Only one key is kept: features of older backbones or data are deleted, unless another
+    process holds them (a parallel run of a sweep).
 
     Args:
         folder: the cache folder (``--features``).
@@ -74,6 +81,15 @@ def cached_features(
     Returns:
         ``{"train": (n, width) float32, "val": (m, width) float32}``.
     """
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / f".{key}.lock")):  # a parallel run computing it: wait, then hit
+        return _load_or_extract(folder, key, backbone, prepared, pooling, engine, batch_size)
+
+
+def _load_or_extract(
+    folder: Path, key: str, backbone, prepared: Prepared, pooling: str, engine: str,
+    batch_size: int,
+) -> dict[str, np.ndarray]:  # fmt: skip
     target = folder / key
     if all((target / f"{s}.npy").exists() for s in SPLITS):
         log.info("feature cache hit: %s", target)
@@ -91,12 +107,18 @@ def cached_features(
         extractor.engine,
         time.perf_counter() - started,
     )
-    if folder.exists():
-        for old in folder.iterdir():
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            elif old.name != NOTE:
-                old.unlink()
+    for old in folder.iterdir():
+        if old.name.startswith(".") or old.name in (NOTE, key):
+            continue  # locks and another run's entry in the making
+        lock = FileLock(str(folder / f".{old.name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except LockTimeout:
+            continue  # in use by a parallel run
+        try:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        finally:
+            lock.release()
     with atomic_path(target, directory=True) as tmp:
         for split, array in features.items():
             np.save(tmp / f"{split}.npy", array)

@@ -77,7 +77,11 @@ def test_first_run_has_six_completed_stage_tasks_artifacts_and_an_experiment(pip
     task_runs = server.task_runs(run_id)
     assert [r["name"] for r in task_runs] == STAGES  # dvc.yaml's order, one task per stage
     assert [r["state"]["name"] for r in task_runs] == ["Completed"] * 6
-    assert server.flow_run(run_id)["parameters"] == {"overrides": None, "save_experiment": True}
+    assert server.flow_run(run_id)["parameters"] == {
+        "overrides": None,
+        "save_experiment": True,
+        "project_dir": None,
+    }
 
     artifacts = server.artifacts(run_id)
     shown = {"pipeline-stages", "eval-metrics", "confusion-matrix", "export-parity", "quality"}
