@@ -36,6 +36,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "noop": ("bench.noop", ("noop_rerun_ratio", "noop_rerun_ratio_embedded")),
     "fashion": ("bench.fashion", ("fashion_mnist_e2e", "fashion_mnist_e2e_peak_memory")),
     "int8": ("bench.int8", ("int8_speedup", "int8_speedup_batch1")),
+    "sweep": ("bench.sweep", ("sweep_parallel_ratio",)),
 }
 ORDER = [name for names in (g[1] for g in GROUPS.values()) for name in names]
 

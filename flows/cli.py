@@ -193,6 +193,7 @@ def _sweep(args: argparse.Namespace) -> int:
     quiet_console()
     options = dict(parallel=args.parallel, metric=args.metric, apply_best=args.apply_best)
     state = sweep(args.overrides, **options, project_dir=str(root), return_state=True)
+    print(f"tlp: flow run {state.state_details.flow_run_id} {state.name}")
     if not state.is_completed():
         print(f"ERROR: {state.result(raise_on_failure=False)}", file=sys.stderr)
         return 1

@@ -252,7 +252,7 @@ def table_rows(runs: Sequence[SweepRun], metric: str) -> list[dict[str, Any]]:
             "rank": rank, "experiment": run.experiment or "-",
             metric: "-" if run.metric is None else round(run.metric, 4),
             **{key: run.overrides.get(key, "-") for key in keys},
-            "from cache": f"{served}/{len(run.outcomes)}" if run.outcomes else "-",
+            "cached": f"{served}/{len(run.outcomes)}" if run.outcomes else "-",
             "state": run.state + (f": {run.error}" if run.error else ""),
         })  # fmt: skip
     return rows

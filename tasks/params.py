@@ -220,6 +220,13 @@ class TrainParams(_Section):
     )
     seed: int = Field(..., ge=0, le=MAX_SEED)
     fine_tune: FineTuneParams
+    distribute: Literal["none", "mirrored"] = Field(
+        ..., description="mirrored: tf.distribute.MirroredStrategy over train.devices"
+    )
+    devices: list[str] | None = Field(
+        ..., min_length=1, max_length=64, description="with mirrored, e.g. [GPU:0, GPU:1]; "
+        "null: every local GPU (the CPU if there is none)",
+    )  # fmt: skip
 
     @field_validator("monitor")
     @classmethod
