@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="apply the best run to the workspace (dvc exp apply)",
     )
+    sweep.add_argument(
+        "--deployment",
+        help="run on a work pool's workers: the pipeline's "
+        "deployment, e.g. tlp-pipeline/tlp-pipeline (docs/scale-out.md)",
+    )
     sweep.set_defaults(handler=_sweep)
     runs = commands.add_parser("runs", help="the recorded runs side by side (DVC experiments)")
     runs.add_argument("--csv", action="store_true", help="print CSV, nothing cut (for scripts)")
@@ -191,8 +196,9 @@ def _sweep(args: argparse.Namespace) -> int:
         preflight(root, overrides)
     _connect(root, api)
     quiet_console()
-    options = dict(parallel=args.parallel, metric=args.metric, apply_best=args.apply_best)
-    state = sweep(args.overrides, **options, project_dir=str(root), return_state=True)
+    options = dict(parallel=args.parallel, metric=args.metric, apply_best=args.apply_best,
+                   deployment=args.deployment, project_dir=str(root))  # fmt: skip
+    state = sweep(args.overrides, **options, return_state=True)
     print(f"tlp: flow run {state.state_details.flow_run_id} {state.name}")
     if not state.is_completed():
         print(f"ERROR: {state.result(raise_on_failure=False)}", file=sys.stderr)

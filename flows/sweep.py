@@ -25,6 +25,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ SWEEP_FLOW = "tlp-sweep"
 MAX_RUNS = 1000  # a grid past this is a typo (a range without a step), not a plan
 # The train stage's --features folder (dvc.yaml): a cache keyed by its inputs, shared.
 SHARED_CACHE = ".tlp/features"
-_PUSH_LOCK = threading.Lock()  # one `dvc exp push` into the project's git at a time
+_PROJECT_LOCK = threading.Lock()  # one DVC command on the project's git at a time
 
 
 @dataclass
@@ -173,7 +174,8 @@ def _git(args: list[str], cwd: Path) -> str:
     return done.stdout
 
 
-@task(name="shared stages", cache_policy=NO_CACHE, persist_result=False)
+@task(name="shared stages", task_run_name="shared stages", cache_policy=NO_CACHE,
+      persist_result=False)  # fmt: skip
 def bring_shared_stages_up_to_date(root: str, folder: str, keys: list[str]) -> dict[str, str]:
     """Bring the stages no swept key reaches up to date once, in a clone of their own.
 
@@ -219,6 +221,47 @@ def run_in_clone(root: str, folder: str, index: int, overrides: dict[str, Any], 
     return result
 
 
+@task(name="sweep run", task_run_name="run {index}", cache_policy=NO_CACHE, persist_result=False)
+def run_on_pool(root: str, deployment: str, index: int, overrides: dict[str, Any], name: str,
+                metric: str) -> SweepRun:  # fmt: skip
+    """Run the pipeline as a flow run of ``deployment``: whichever worker of its work pool
+    is free runs it in its own clone and pushes the experiment (``push``); read it back.
+
+    Returns:
+        The run's row; a failed run is a row with its error, not an exception.
+    """
+    from prefect.deployments import run_deployment
+
+    result = SweepRun(index, overrides)
+    parameters = {"overrides": overrides, "push": True}
+    child = run_deployment(
+        deployment, parameters=parameters, flow_run_name=name, as_subflow=True, timeout=None
+    )
+    result.state = child.state.name
+    if not child.state.is_completed():
+        result.error = child.state.message or child.state.name
+        return result
+    result.metric, result.experiment = pushed(Path(root), name, metric)
+    return result
+
+
+def pushed(root: Path, name: str, metric: str) -> tuple[float | None, str]:
+    """A worker's experiment in the project: pulled from ``origin`` if the project has one
+    (``dvc exp pull``), then its value of ``metric`` (``dvc exp show``)."""
+    import dvc.api
+
+    with _PROJECT_LOCK:
+        if "origin" in _git(["remote"], root).split():
+            command = [sys.executable, "-m", "dvc", "exp", "pull", "origin", name]
+            subprocess.run(command, cwd=root, capture_output=True, check=False)
+        rows = dvc.api.exp_show(repo=str(root))
+    row = next((row for row in rows if row.get("Experiment") == name), None)
+    if row is None:
+        return None, ""
+    value = row.get(metric)
+    return (float(value) if isinstance(value, int | float) else None), name
+
+
 def collect(clone: Path, root: Path, metric: str) -> tuple[float | None, str]:
     """The clone's value of ``metric`` and its experiment, pushed into the project's git."""
     import dvc.api
@@ -231,7 +274,7 @@ def collect(clone: Path, root: Path, metric: str) -> tuple[float | None, str]:
         names = [n for exps in repo.experiments.ls(all_commits=True).values() for n, _ in exps]
         if not names:
             return value, ""
-        with _PUSH_LOCK:
+        with _PROJECT_LOCK:
             repo.experiments.push(str(root), names[:1], push_cache=False)
     return value, names[0]
 
@@ -276,6 +319,7 @@ def sweep(
     metric: str = "macro_f1",
     apply_best: bool = False,
     project_dir: str | None = None,
+    deployment: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run every combination of ``options`` as its own pipeline flow run and rank them.
 
@@ -287,6 +331,9 @@ def sweep(
             for a nested one: ``macro_f1``, ``quality.lift``).
         apply_best: apply the best run to the project's workspace (``dvc exp apply``).
         project_dir: the project; default: ``TLP_PROJECT_DIR``, else the current folder's.
+        deployment: run each combination as a flow run of this deployment of the pipeline
+            (e.g. ``tlp-pipeline/tlp-pipeline``) on its work pool's workers, instead of in
+            local clones; each worker pushes its run (``dvc exp push origin``).
 
     Returns:
         The table's rows, best first.
@@ -305,22 +352,16 @@ def sweep(
     folder.mkdir(parents=True, exist_ok=True)
     logger.info("%d runs, %d at a time, in %s", len(grid), parallel, folder)
     keys = sorted({key for overrides in grid for key in overrides})
-    bring_shared_stages_up_to_date(str(root), str(folder / "shared"), keys)
+    if deployment is None:  # a pool's workers have caches of their own
+        bring_shared_stages_up_to_date(str(root), str(folder / "shared"), keys)
+    body, where = (run_on_pool, {"deployment": deployment}) if deployment else (run_in_clone, {})
     with ThreadPoolTaskRunner(max_workers=parallel) as runner:
-        futures = [
-            runner.submit(
-                run_in_clone,
-                {
-                    "root": str(root),
-                    "folder": str(folder / f"run-{index}"),
-                    "index": index,
-                    "overrides": overrides,
-                    "name": f"{name}-{index}",
-                    "metric": metric,
-                },
-            )  # fmt: skip
-            for index, overrides in enumerate(grid, start=1)
-        ]
+        futures = []
+        for index, overrides in enumerate(grid, start=1):
+            place = where or {"folder": str(folder / f"run-{index}")}
+            common = {"root": str(root), "index": index, "name": f"{name}-{index}"}
+            parameters = {**common, **place, "overrides": overrides, "metric": metric}
+            futures.append(runner.submit(body, parameters))
         runs = [future.result() for future in futures]
     shutil.rmtree(folder, ignore_errors=True)
     rows = table_rows(runs, metric)

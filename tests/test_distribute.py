@@ -52,7 +52,7 @@ for name, section in json.loads(sys.argv[3]).items():
                        prepared, paths, project / "models" / "backbone.keras")
     right = total = 0
     for images, labels in prepared.batches("test", 64):
-        predicted = result.model.predict_on_batch(images.astype(np.float32)).argmax(axis=1)
+        predicted = result.model.predict(images.astype(np.float32), verbose=0).argmax(axis=1)
         right, total = right + int((predicted == labels).sum()), total + len(labels)
     weights = result.model.trainable_variables[0]
     figures[name] = {

@@ -81,6 +81,7 @@ def test_first_run_has_six_completed_stage_tasks_artifacts_and_an_experiment(pip
         "overrides": None,
         "save_experiment": True,
         "project_dir": None,
+        "push": False,
     }
 
     artifacts = server.artifacts(run_id)

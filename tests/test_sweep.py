@@ -151,5 +151,16 @@ def test_sweep_of_four_runs_two_at_a_time_leaves_the_workspace_alone(built_proje
     assert sweep_run["parameters"]["parallel"] == 2
     assert sorted(child_stages) == sorted(saved)  # a run's experiment is named after it
     assert set(child_stages.values()) == {len(STAGES)}
-    assert {t["name"] for t in task_runs} == {"shared stages", *(f"run {i}" for i in range(1, 5))}
+    own = {
+        t["name"] for t in task_runs if t["id"] not in {c["parent_task_run_id"] for c in children}
+    }
+    assert own == {"shared stages", *(f"run {i}" for i in range(1, 5))}
     assert artifact["type"] == "table"
+
+
+def test_an_invalid_combination_fails_before_any_run(tmp_path):
+    project = make_project(tmp_path / "project")
+    result = tlp(project, "sweep", "-S", "train.dropout=0.1,1.5", api=None, check=False)
+    assert result.returncode == 1
+    assert "train.dropout" in result.stderr  # the key and its bounds, from the params check
+    assert not (project / ".tlp" / "sweeps").exists()  # no sweep started, no clone made
