@@ -118,7 +118,7 @@ def varied_stages(root: Path, stages: Sequence[Any], keys: Sequence[str]) -> set
             or len(reads) < len(params)
             or any(_overlap(key, param) for key in keys for param in reads)
             or varied & set(stage.upstream)
-        ):  # a templated stage, another file: vary
+        ):  # (a stage not in dvc.yaml as such, or params from another file: varied)
             varied.add(stage.name)
     return varied
 
@@ -279,6 +279,13 @@ def collect(clone: Path, root: Path, metric: str) -> tuple[float | None, str]:
     return value, names[0]
 
 
+def _row(value: Any, index: int, overrides: dict[str, Any]) -> SweepRun:
+    """A run's row, also when its task itself failed (no clone, the worker crashed...)."""
+    if isinstance(value, SweepRun):
+        return value
+    return SweepRun(index, overrides, "Failed", error=f"{type(value).__name__}: {value}")
+
+
 def ranked(runs: Sequence[SweepRun]) -> list[SweepRun]:
     """Best first: finished runs by metric (highest first), then those without one."""
     return sorted(runs, key=lambda r: (r.metric is None, -(r.metric or 0.0), r.index))
@@ -362,7 +369,8 @@ def sweep(
             common = {"root": str(root), "index": index, "name": f"{name}-{index}"}
             parameters = {**common, **place, "overrides": overrides, "metric": metric}
             futures.append(runner.submit(body, parameters))
-        runs = [future.result() for future in futures]
+        values = [future.result(raise_on_failure=False) for future in futures]
+    runs = [_row(value, index, grid[index - 1]) for index, value in enumerate(values, start=1)]
     shutil.rmtree(folder, ignore_errors=True)
     rows = table_rows(runs, metric)
     best = ranked(runs)[0]

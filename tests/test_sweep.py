@@ -17,6 +17,7 @@ import pytest
 from flows.sweep import (
     SHARED_CACHE,
     SweepRun,
+    _row,
     expand_grid,
     format_table,
     ranked,
@@ -82,6 +83,9 @@ def test_table_ranks_by_metric_and_keeps_failed_runs_last_with_their_error():
         SweepRun(3, {"train.dropout": 0.5}, "Completed", "c", 0.9, {"fetch": "restored"}),
     ]
     assert [r.index for r in ranked(runs)] == [3, 1, 2]
+    # A run whose task itself failed (no clone could be made...) is a failed row too.
+    crashed = _row(RuntimeError("git clone failed"), 4, {"train.dropout": 0.7})
+    assert (crashed.state, crashed.error) == ("Failed", "RuntimeError: git clone failed")
     rows = table_rows(runs, "macro_f1")
     assert [(r["rank"], r["experiment"], r["macro_f1"]) for r in rows] == [
         (1, "c", 0.9), (2, "a", 0.5), (3, "-", "-"),
