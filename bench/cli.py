@@ -187,6 +187,11 @@ NOTES = {
         f"batch 1: float {d.get('median_ms', {}).get('float')} ms vs int8 "
         f"{d.get('median_ms', {}).get('int8')} ms"
     ),
+    "sweep_parallel_ratio": lambda d: (
+        f"4 runs: --parallel 2 {_s(d.get('parallel_2_s'))} vs --parallel 1 "
+        f"{_s(d.get('parallel_1_s'))}; served from the shared cache: "
+        f"{d.get('served_from_cache', {}).get('parallel_2')}"
+    ),
 }
 
 
