@@ -11,9 +11,9 @@ converted with tf2onnx and checked against Keras on a sample first; Keras takes 
 conversion fails or disagrees.
 
 The folder may be shared by several workspaces at once (``tlp sweep`` links every isolated
-run's cache to the project's): each entry is read and written under its own file lock, so
-two runs that need the same features compute them once, and an entry in use is never
-evicted.
+run's cache to the project's): it is read and written under one file lock beside it, so
+two runs that need the same features compute them once (the second waits, then hits), and
+no entry is evicted while another run reads it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pathlib import Path
 import keras
 import numpy as np
 from filelock import FileLock
-from filelock import Timeout as LockTimeout
 
 from tasks.common import atomic_path, log, model_digest, progress
 from tasks.dataset import Prepared
@@ -66,8 +65,7 @@ def cached_features(
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Load the features for ``key`` from ``folder``, computing and storing them if absent.
 
-    Only one key is kept: features of older backbones or data are deleted, unless another
-    process holds them (a parallel run of a sweep).
+    Only one key is kept: features of older backbones or data are deleted.
 
     Args:
         folder: the cache folder (``--features``).
@@ -82,7 +80,8 @@ def cached_features(
         ``{"train": (n, width) float32, "val": (m, width) float32}``.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / f".{key}.lock")):  # a parallel run computing it: wait, then hit
+    shared = folder.resolve()  # a sweep's clones link theirs to one folder: one lock for all
+    with FileLock(str(shared.parent / f".{shared.name}.lock")):  # a parallel run: wait, then hit
         return _load_or_extract(folder, key, backbone, prepared, pooling, engine, batch_size)
 
 
@@ -108,17 +107,10 @@ def _load_or_extract(
         time.perf_counter() - started,
     )
     for old in folder.iterdir():
-        if old.name.startswith(".") or old.name in (NOTE, key):
-            continue  # locks and another run's entry in the making
-        lock = FileLock(str(folder / f".{old.name}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except LockTimeout:
-            continue  # in use by a parallel run
-        try:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        finally:
-            lock.release()
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.name != NOTE:
+            old.unlink()
     with atomic_path(target, directory=True) as tmp:
         for split, array in features.items():
             np.save(tmp / f"{split}.npy", array)

@@ -9,6 +9,7 @@ params.yaml and outputs untouched.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from flows.sweep import (
     SHARED_CACHE,
     SweepRun,
     _row,
+    apply_experiment,
     expand_grid,
     format_table,
     ranked,
@@ -160,6 +162,17 @@ def test_sweep_of_four_runs_two_at_a_time_leaves_the_workspace_alone(built_proje
     }
     assert own == {"shared stages", *(f"run {i}" for i in range(1, 5))}
     assert artifact["type"] == "table"
+
+    # What --apply-best does: the winner's params, dvc.lock and outputs in the workspace.
+    best = rows[0][1]
+    apply_experiment(project, best)
+    applied = read_yaml(project / "params.yaml")["train"]
+    wanted = saved[best]["params"]["train"]
+    assert (applied["learning_rate"], applied["dropout"]) == (
+        wanted["learning_rate"],
+        wanted["dropout"],
+    )
+    assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
 
 
 def test_an_invalid_combination_fails_before_any_run(tmp_path):
