@@ -40,4 +40,4 @@ dashboard: $(STAMP) ## the Prefect dashboard on http://127.0.0.1:4200
 	$(BIN)/tlp server
 
 clean:
-	rm -rf data/raw data/prepared models metrics plots dvclive .tlp
+	rm -rf data/raw data/prepared data/features models metrics plots dvclive .tlp
