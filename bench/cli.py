@@ -36,6 +36,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "noop": ("bench.noop", ("noop_rerun_ratio", "noop_rerun_ratio_embedded")),
     "fashion": ("bench.fashion", ("fashion_mnist_e2e", "fashion_mnist_e2e_peak_memory")),
     "int8": ("bench.int8", ("int8_speedup", "int8_speedup_batch1")),
+    "sweep": ("bench.sweep", ("sweep_parallel_ratio",)),
 }
 ORDER = [name for names in (g[1] for g in GROUPS.values()) for name in names]
 
@@ -185,6 +186,11 @@ NOTES = {
     "int8_speedup_batch1": lambda d: (
         f"batch 1: float {d.get('median_ms', {}).get('float')} ms vs int8 "
         f"{d.get('median_ms', {}).get('int8')} ms"
+    ),
+    "sweep_parallel_ratio": lambda d: (
+        f"4 runs: --parallel 2 {_s(d.get('parallel_2_s'))} vs --parallel 1 "
+        f"{_s(d.get('parallel_1_s'))}; served from the shared cache: "
+        f"{d.get('served_from_cache', {}).get('parallel_2')}"
     ),
 }
 

@@ -2,6 +2,7 @@
 
 ``tlp run [-S key=value ...]``    run the Prefect flow once (embedded Prefect, or the
                                   project's running ``tlp server`` if there is one)
+``tlp sweep -S k=v1,v2 ...``      a grid of runs, each an isolated DVC experiment, ranked
 ``tlp status``                    the stages, in graph order, and what would re-run and why
 ``tlp runs [--csv]``              the recorded runs: when, what changed, accuracy, duration
 ``tlp report [NAME]``             one self-contained HTML file of a run's results
@@ -75,6 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true",
                      help="show every log line: Prefect's, DVC's and TensorFlow's")  # fmt: skip
     run.set_defaults(handler=_run)
+    sweep = commands.add_parser("sweep", help="run a grid of params, each run isolated; rank")
+    _add_set_option(
+        sweep,
+        "a param and its values, as dvc exp run --queue -S takes them: "
+        "-S train.dropout=0.1,0.3 (repeatable: the grid is every combination)",
+    )
+    sweep.add_argument("--parallel", type=int, default=1, help="runs at a time (default: 1)")
+    sweep.add_argument(
+        "--metric", default="macro_f1", help="rank by it, highest first (default: %(default)s)"
+    )
+    sweep.add_argument(
+        "--apply-best",
+        action="store_true",
+        help="apply the best run to the workspace (dvc exp apply)",
+    )
+    sweep.add_argument(
+        "--deployment",
+        help="run on a work pool's workers: the pipeline's "
+        "deployment, e.g. tlp-pipeline/tlp-pipeline (docs/scale-out.md)",
+    )
+    sweep.set_defaults(handler=_sweep)
     runs = commands.add_parser("runs", help="the recorded runs side by side (DVC experiments)")
     runs.add_argument("--csv", action="store_true", help="print CSV, nothing cut (for scripts)")
     runs.set_defaults(handler=_runs)
@@ -125,13 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stop_run)
     try:
-        if api:
-            print(f"tlp: Prefect API {api}")
-        else:
-            from flows.tempserver import start_temporary_server
-
-            print("tlp: starting a temporary Prefect server (`tlp server` keeps one running)")
-            os.environ["PREFECT_API_URL"] = start_temporary_server(root)
+        _connect(root, api)
         from flows.logs import quiet_console
         from flows.pipeline import pipeline
 
@@ -155,6 +171,41 @@ def _run(args: argparse.Namespace) -> int:
     if api:
         print(f"tlp: {api.removesuffix('/api')}/runs/flow-run/{run_id}")
     return 0 if state.is_completed() else 1
+
+
+def _connect(root: Path, api: str | None) -> None:
+    """Say which Prefect API the run uses, or start the temporary server if there is none."""
+    if api:
+        print(f"tlp: Prefect API {api}")
+        return
+    from flows.tempserver import start_temporary_server
+
+    print("tlp: starting a temporary Prefect server (`tlp server` keeps one running)")
+    os.environ["PREFECT_API_URL"] = start_temporary_server(root)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from flows.workspace import preflight, project_root
+
+    root = project_root()
+    api = prefect_environment(root)  # before Prefect is imported
+    from flows.logs import quiet_console
+    from flows.sweep import expand_grid, format_table, sweep
+
+    for overrides in expand_grid(args.overrides):  # a typo fails before Prefect starts
+        preflight(root, overrides)
+    _connect(root, api)
+    quiet_console()
+    options = dict(parallel=args.parallel, metric=args.metric, apply_best=args.apply_best,
+                   deployment=args.deployment, project_dir=str(root))  # fmt: skip
+    state = sweep(args.overrides, **options, return_state=True)
+    print(f"tlp: flow run {state.state_details.flow_run_id} {state.name}")
+    if not state.is_completed():
+        print(f"ERROR: {state.result(raise_on_failure=False)}", file=sys.stderr)
+        return 1
+    rows = state.result()
+    print(format_table(rows))
+    return 0 if all(row["state"] == "Completed" for row in rows) else 1
 
 
 def _runs(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -105,7 +107,10 @@ def stage_task(stage: str) -> Task:
 
 @flow(name=FLOW_NAME, description="Fetch, prepare, train, evaluate and export, through DVC.")
 def pipeline(
-    overrides: dict[str, Any] | None = None, save_experiment: bool = True
+    overrides: dict[str, Any] | None = None,
+    save_experiment: bool = True,
+    project_dir: str | None = None,
+    push: bool = False,
 ) -> dict[str, str]:
     """Bring the whole pipeline up to date through DVC, one task per stage.
 
@@ -117,12 +122,17 @@ def pipeline(
             ``dvc.lock`` and the outputs back as they were.
         save_experiment: record the run as a DVC experiment (``dvc exp save``) when a
             stage ran, so ``dvc exp show`` compares runs side by side.
+        project_dir: the project to run in (a sweep's isolated clone); default: the one
+            ``TLP_PROJECT_DIR`` names, else the one around the current folder.
+        push: after saving the experiment, push it (``dvc exp push origin``): its git refs
+            to the git remote ``origin``, its outputs to the default DVC remote, so any
+            clone gets the run with ``dvc exp pull`` (a work pool's workers set this).
 
     Returns:
         Each stage's outcome (``ran``, ``cached``, ``restored``), in pipeline order.
     """
     logger, started = get_run_logger(), time.perf_counter()
-    root = project_root(os.environ.get("TLP_PROJECT_DIR"))
+    root = project_root(project_dir or os.environ.get("TLP_PROJECT_DIR"))
     run_name = flow_run.get_name()
     outcomes: list[StageOutcome] = []
     experiment = "none"
@@ -141,6 +151,8 @@ def pipeline(
                 if save_experiment:
                     seconds = time.perf_counter() - started
                     experiment = record_run(dvc, outcomes, run_name, seconds)
+                if push and save_experiment:
+                    push_experiment(root, experiment)
             finally:
                 ran = sum(o.outcome == "ran" for o in outcomes)
                 create_table_artifact(
@@ -231,6 +243,22 @@ def record_run(dvc: DvcWorker, outcomes: list[StageOutcome], name: str, seconds:
         return f"not saved: {exc}"
     logger.info("saved as DVC experiment %s (compare runs with `dvc exp show`)", name)
     return name
+
+
+def push_experiment(root: Any, name: str) -> None:
+    """``dvc exp push origin NAME``: the run's git refs and its cached outputs.
+
+    Raises:
+        RuntimeError: the run was not saved as an experiment, or DVC could not push it.
+    """
+    if name.startswith("not saved"):
+        raise RuntimeError(f"nothing to push: {name}")
+    command = [sys.executable, "-m", "dvc", "exp", "push", "origin", name]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc exp push origin {name} failed: {done.stderr.strip()[-2000:]}")
+    get_run_logger().info("pushed experiment %s: git refs to origin, outputs to the DVC remote",
+                          name)  # fmt: skip
 
 
 def publish_results(plan: Pipeline) -> None:

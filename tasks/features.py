@@ -9,6 +9,11 @@ backbone's content, the data, the pooling, the image size and the engine
 The extraction runs on ONNX Runtime by default (``train.feature_engine``): the extractor is
 converted with tf2onnx and checked against Keras on a sample first; Keras takes over if the
 conversion fails or disagrees.
+
+The folder may be shared by several workspaces at once (``tlp sweep`` links every isolated
+run's cache to the project's): it is read and written under one file lock beside it, so
+two runs that need the same features compute them once (the second waits, then hits), and
+no entry is evicted while another run reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from filelock import FileLock
 
 from tasks.common import atomic_path, log, model_digest, progress
 from tasks.dataset import Prepared
@@ -30,8 +36,7 @@ from tasks.onnx_io import cpu_session, keras_to_onnx
 EXTRACT_BATCH = 16  # the fastest VGG16/MobileNetV2 batch on CPU here; features don't depend on it
 FEATURE_OPSET = 17  # the extractor never leaves this process; any opset tf2onnx handles
 SPLITS = ("train", "val")
-# The folder is a DVC output, and DVC warns about an empty one on every run that uses no
-# cache (a backbone trained from scratch): this note keeps it from being empty.
+# What the folder is, for whoever finds it (it is a cache, not a DVC output: see dvc.yaml).
 NOTE = "README.txt"
 NOTE_TEXT = (
     "Backbone features cached by the train stage (tasks/features.py), one folder per\n"
@@ -74,6 +79,16 @@ def cached_features(
     Returns:
         ``{"train": (n, width) float32, "val": (m, width) float32}``.
     """
+    folder.mkdir(parents=True, exist_ok=True)
+    shared = folder.resolve()  # a sweep's clones link theirs to one folder: one lock for all
+    with FileLock(str(shared.parent / f".{shared.name}.lock")):  # a parallel run: wait, then hit
+        return _load_or_extract(folder, key, backbone, prepared, pooling, engine, batch_size)
+
+
+def _load_or_extract(
+    folder: Path, key: str, backbone, prepared: Prepared, pooling: str, engine: str,
+    batch_size: int,
+) -> dict[str, np.ndarray]:  # fmt: skip
     target = folder / key
     if all((target / f"{s}.npy").exists() for s in SPLITS):
         log.info("feature cache hit: %s", target)
@@ -91,12 +106,11 @@ def cached_features(
         extractor.engine,
         time.perf_counter() - started,
     )
-    if folder.exists():
-        for old in folder.iterdir():
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            elif old.name != NOTE:
-                old.unlink()
+    for old in folder.iterdir():
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.name != NOTE:
+            old.unlink()
     with atomic_path(target, directory=True) as tmp:
         for split, array in features.items():
             np.save(tmp / f"{split}.npy", array)

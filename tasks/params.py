@@ -225,6 +225,13 @@ class TrainParams(_Section):
         description="also train a model on the classes merged into prepare.other_class "
         "(stages train_other, export_other); needs prepare.other_class",
     )
+    distribute: Literal["none", "mirrored"] = Field(
+        ..., description="mirrored: tf.distribute.MirroredStrategy over train.devices"
+    )
+    devices: list[str] | None = Field(
+        ..., min_length=1, max_length=64, description="with mirrored, e.g. [GPU:0, GPU:1]; "
+        "null: every local GPU (the CPU if there is none)",
+    )  # fmt: skip
 
     @field_validator("monitor")
     @classmethod

@@ -59,6 +59,7 @@ from tasks.common import (
     write_json,
 )
 from tasks.dataset import EpochClock, Prepared
+from tasks.devices import for_replicas, strategy_for
 from tasks.features import open_cache, training_features
 from tasks.network import (
     apply,
@@ -356,11 +357,15 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         prepared = Prepared.open(args.data)
         backbone_info = read_json(args.backbone_info)
-        backbone = load_model_safely(args.backbone, compile=False)
         paths = TrainPaths(model=args.model, backup=args.backup, features=args.features)
         if args.features is not None:
             open_cache(args.features)
-        result = train(params.train, backbone, backbone_info, prepared, paths, args.backbone)
+        strategy = strategy_for(params.train)  # train.distribute: every variable in its scope
+        with strategy.scope():
+            backbone = load_model_safely(args.backbone, compile=False)
+            replicas = strategy.num_replicas_in_sync
+            run = for_replicas(params.train, replicas)  # the global batch, the learning rates
+            result = train(run, backbone, backbone_info, prepared, paths, args.backbone)
         save_model(result.model, args.model)
         summary = summarize(result, params.train.monitor, prepared.count("train"))
         write_json(
@@ -378,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 "feature_cache": result.used_feature_cache,
                 "batchnorm_momentum": result.batchnorm_momentum,
                 "seconds": round(result.seconds, 2),
+                "replicas": replicas,  # train.distribute: batch and learning rates x replicas
             },
         )
         at_best = {f"best_epoch_{key}": value for key, value in summary["at_best_epoch"].items()}

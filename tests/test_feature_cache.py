@@ -233,3 +233,22 @@ def test_features_that_disagree_with_keras_are_refused(caplog):
     assert tasks.features._agrees(reference + 1e-4, reference)  # float32 rounding: accepted
     assert not tasks.features._agrees(reference + np.float32(0.1), reference)
     assert "ONNX Runtime differs from Keras by 0.1" in caplog.text and "using Keras" in caplog.text
+
+
+def test_two_runs_sharing_the_folder_extract_the_features_once(tmp_path, prepared, backbone,
+                                                                extractions):  # fmt: skip
+    """A sweep's parallel runs share one folder: the second waits on the entry's lock and hits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.safety import load_model_safely
+
+    path, _ = backbone
+    key = tasks.features.cache_key(path, prepared, "avg", "keras")
+    models = [load_model_safely(path, compile=False) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(tasks.features.cached_features, tmp_path / "shared", key, model,
+                               prepared, "avg", "keras") for model in models]  # fmt: skip
+        first, second = (future.result() for future in futures)
+    assert sorted(extractions) == ["train", "val"]  # one extraction of each split, not two
+    assert np.array_equal(first["train"], second["train"])
+    assert [p.name for p in (tmp_path / "shared").iterdir() if not p.name.startswith(".")] == [key]

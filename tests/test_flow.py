@@ -77,7 +77,12 @@ def test_first_run_has_one_completed_task_per_stage_artifacts_and_an_experiment(
     task_runs = server.task_runs(run_id)
     assert [r["name"] for r in task_runs] == STAGES  # dvc.yaml's order, one task per stage
     assert [r["state"]["name"] for r in task_runs] == ["Completed"] * len(STAGES)
-    assert server.flow_run(run_id)["parameters"] == {"overrides": None, "save_experiment": True}
+    assert server.flow_run(run_id)["parameters"] == {
+        "overrides": None,
+        "save_experiment": True,
+        "project_dir": None,
+        "push": False,
+    }
 
     artifacts = server.artifacts(run_id)
     shown = {"pipeline-stages", "eval-metrics", "confusion-matrix", "export-parity", "quality"}

@@ -29,7 +29,7 @@ from tests.prefect_server import descendants, reaped, spawn, wait_for
 
 pytestmark = pytest.mark.slow
 
-OUTPUTS = ("data/raw", "data/prepared", "data/features", "models", "metrics", "plots", "dvclive")
+OUTPUTS = ("data/raw", "data/prepared", "models", "metrics", "plots", "dvclive")
 EXIT_WITHIN_S = 10  # the guarantee: a stopped `tlp run` is gone this soon after the signal
 
 
