@@ -203,7 +203,7 @@ def test_sigkill_dvc_repro_while_train_runs(built_project: Path, tmp_path: Path)
     shutil.copytree(built_project, project, symlinks=True)
     lock_before = (project / "dvc.lock").read_bytes()
     locked = yaml.safe_load(lock_before)["stages"]["train"]["params"]["params.yaml"]
-    epochs = locked["train"]["epochs"]
+    epochs = locked["train.epochs"]  # the train stage lists its train keys one by one
     set_params(project, {"train": {"epochs": epochs + 2}})
     env, paused = pause_train_after_first_batch(tmp_path / "hooks", project)
 
@@ -223,14 +223,14 @@ def test_sigkill_dvc_repro_while_train_runs(built_project: Path, tmp_path: Path)
     assert proc.pid in {info["pid"] for info in rwlock(project).get("write", {}).values()}
     status = json.loads(run(["dvc", "status", "--json"], project).stdout)
     assert "train" in status, status
-    assert {"changed deps": {"params.yaml": {"train": "modified"}}} in status["train"]
+    assert {"changed deps": {"params.yaml": {"train.epochs": "modified"}}} in status["train"]
 
     # ... and the next run, whose outputs they lock, goes ahead anyway (DVC sees that PID is
     # dead and drops them), completes, and the lock records the new params.
     run(["dvc", "repro"], project)
     lock_after = yaml.safe_load((project / "dvc.lock").read_text())
     train = lock_after["stages"]["train"]
-    assert train["params"]["params.yaml"]["train"]["epochs"] == epochs + 2
+    assert train["params"]["params.yaml"]["train.epochs"] == epochs + 2
     assert lock_after["stages"]["fetch"] == yaml.safe_load(lock_before)["stages"]["fetch"]
     assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
     # DVC drops a dead PID's entries lazily, only where they would block the run; what may

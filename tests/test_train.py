@@ -532,7 +532,13 @@ def curve(out, name: str) -> list[float]:
 def test_the_stage_reports_the_saved_epoch_and_warns_above_ten_parameters_per_image(
     prepared, backbone_file, tmp_path
 ):
-    train = {"epochs": 3, "batch_size": 16, "learning_rate": 0.01, "early_stopping_patience": 0}
+    train = {
+        "epochs": 3,
+        "batch_size": 16,
+        "learning_rate": 0.01,
+        "early_stopping_patience": 0,
+        "dense_units": 128,
+    }  # a hidden layer: over 10 parameters per image
     result, out = run_stage(tmp_path, prepared, backbone_file, pretrained=False, train=train)
 
     info = json.loads((out / "model.json").read_text())
