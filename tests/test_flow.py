@@ -500,7 +500,9 @@ def test_pictures_are_embedded_as_reduced_jpeg_copies(tmp_path):
 def test_two_tlp_runs_and_a_dvc_repro_started_together_leave_one_writer(pipeline, tmp_path):
     """Three writers at once: the locks let one write; the others wait or fail at once."""
     server, project = pipeline.server, pipeline.project
-    set_params(project, {"train": {"epochs": 1}})  # give every runner real work to do
+    # Give every runner real work to do: a seed no earlier test trained with, or DVC's run
+    # cache would restore the model instead of training it.
+    set_params(project, {"train": {"epochs": 1, "seed": 1001}})
     env = {"PREFECT_API_URL": server.api, "PREFECT_HOME": str(project / ".tlp" / "prefect")}
     commands = {
         "tlp-a": [sys.executable, "-m", "flows.cli", "run", "--no-save-experiment"],
@@ -540,7 +542,9 @@ def test_dvc_repro_started_by_hand_mid_run_is_refused_and_dvc_lock_matches_param
     epochs = yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"]
     new = 2 if epochs != 2 else 3
     log = tmp_path / "flow.log"
-    cmd = [sys.executable, "-m", "flows.cli", "run", "-S", f"train.epochs={new}"]
+    # A seed no earlier test trained with: DVC's run cache must not restore the model.
+    cmd = [sys.executable, "-m", "flows.cli", "run", "-S", f"train.epochs={new}",
+           "-S", "train.seed=1002"]  # fmt: skip
     process = spawn([*cmd, "--no-save-experiment"], project, log, env=env)
     try:
         wait_for(lambda: "Epoch 1/" in log.read_text(), 600, "the train stage to start")
@@ -580,7 +584,8 @@ def test_killed_flow_run_leaves_no_process_dvc_lock_untouched_and_the_next_run_c
     assert_reproducible(project)
     lock_before = (project / "dvc.lock").read_bytes()
     log = tmp_path / "killed.log"
-    cmd = [sys.executable, "-m", "flows.cli", "run", "-S", "train.epochs=4", "--no-save-experiment"]
+    cmd = [sys.executable, "-m", "flows.cli", "run", "-S", "train.epochs=4", "-S", "train.seed=1003",
+           "--no-save-experiment"]  # fmt: skip
     # Orphans of the killed flow become our children, so we can reap them: an unreaped
     # zombie keeps its PID, and DVC would take its stale rwlock entry for a live writer.
     ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
