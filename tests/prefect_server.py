@@ -28,7 +28,7 @@ import pytest
 
 from tests.conftest import SHRUNK, make_project, run
 
-STAGES = [
+STAGES = [  # dvc.yaml's order; the tests that count or list stages import this
     "fetch",
     "prepare",
     "backbone",

@@ -23,17 +23,7 @@ from flows.workspace import (
 )
 from tasks.params import ParamsError
 from tests.conftest import ROOT, run, set_params
-
-STAGES = [
-    "fetch",
-    "prepare",
-    "backbone",
-    "train",
-    "train_other",
-    "evaluate",
-    "export_other",
-    "export",
-]
+from tests.prefect_server import STAGES
 
 
 def tlp(cwd, *args, check=True, **env):

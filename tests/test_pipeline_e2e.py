@@ -12,17 +12,7 @@ from PIL import Image
 
 from flows import reports
 from tests.conftest import make_project, run, set_params
-
-STAGES = [
-    "fetch",
-    "prepare",
-    "backbone",
-    "train",
-    "train_other",
-    "evaluate",
-    "export_other",
-    "export",
-]
+from tests.prefect_server import STAGES
 
 
 def ran_stages(output: str) -> list[str]:
