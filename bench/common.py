@@ -22,6 +22,7 @@ import numpy as np
 
 from tasks.params import with_changes
 from tests.conftest import PARAMS, make_project  # the shipped params; the project copy
+from tests.peakmemory import LAUNCHER
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -153,30 +154,6 @@ def env_with_venv(extra: dict[str, str] | None = None, cwd: Path | None = None) 
     return env
 
 
-# Runs the measured command as its own child and reports that child's wall time and
-# ``ru_maxrss``. Needed because a forked child inherits its parent's resident pages until it
-# execs, and the kernel's high-water mark keeps them: measured from this (large) driver,
-# every small command would seem to peak at the driver's size. This launcher, started with
-# ``-I -S``, holds a few MiB at the fork.
-_LAUNCHER = """
-import json, os, sys, time
-report, command = sys.argv[1], sys.argv[2:]
-started = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(command[0], command)
-    finally:
-        os._exit(127)
-_, status, usage = os.wait4(pid, 0)
-seconds = time.perf_counter() - started
-with open(report, "w") as handle:
-    json.dump({"seconds": seconds, "maxrss_kib": usage.ru_maxrss}, handle)
-code = os.waitstatus_to_exitcode(status)
-sys.exit(code if code >= 0 else 128 - code)
-"""
-
-
 def run_process(
     cmd: Sequence[str | Path],
     cwd: Path = ROOT,
@@ -188,7 +165,7 @@ def run_process(
     """Run a command to completion; measure its wall time and peak resident memory.
 
     ``seconds`` and ``peak_rss_bytes`` come from a tiny launcher process that forks and
-    execs the command (see ``_LAUNCHER``): the wall time from fork to exit, and the kernel's
+    execs the command (see ``tests.peakmemory.LAUNCHER``): the wall time from fork to exit, and the kernel's
     high-water mark (``wait4``'s ``ru_maxrss``) of the command and the children it waited
     for, i.e. its largest single process. With ``sample_tree`` the summed RSS of the whole
     process tree is also sampled every 0.1 s (``psutil``): what a pipeline of several
@@ -202,7 +179,7 @@ def run_process(
         tempfile.TemporaryDirectory() as scratch,
     ):
         report = Path(scratch) / "usage.json"
-        launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(report)]
+        launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(report)]
         process = subprocess.Popen(
             [*launcher, *(str(c) for c in cmd)],
             cwd=cwd,

@@ -19,9 +19,13 @@ from pathlib import Path
 
 from tests.conftest import BIN
 
-_LAUNCHER = """
-import json, os, sys
+# The measured command runs as the launcher's own child (a forked child would inherit the
+# parent's resident pages, which the kernel's high-water mark keeps); started with -I -S,
+# the launcher holds a few MiB at the fork. bench/common.py uses it too.
+LAUNCHER = """
+import json, os, sys, time
 report, command = sys.argv[1], sys.argv[2:]
+started = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     try:
@@ -29,8 +33,9 @@ if pid == 0:
     finally:
         os._exit(127)
 _, status, usage = os.wait4(pid, 0)
+seconds = time.perf_counter() - started
 with open(report, "w") as handle:
-    json.dump({"maxrss_kib": usage.ru_maxrss}, handle)
+    json.dump({"seconds": seconds, "maxrss_kib": usage.ru_maxrss}, handle)
 code = os.waitstatus_to_exitcode(status)
 sys.exit(code if code >= 0 else 128 - code)
 """
@@ -54,7 +59,7 @@ def run_measured(cmd: list[str], cwd: Path, timeout: float = 600) -> Measured:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "usage.json"
-        launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(report)]
+        launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(report)]
         result = subprocess.run(
             [*launcher, *map(str, cmd)],
             cwd=cwd,
