@@ -1,6 +1,6 @@
 """Benchmarks 1 and 2: a frozen MobileNetV2 at 224x224, naive ``fit`` against the feature cache.
 
-Both sides are the project's own ``tasks.train.train`` on the same prepared data and the
+Both sides are the project's own ``tasks.training.train`` on the same prepared data and the
 same saved backbone, each in its own process: ``train.feature_cache: true`` (the cache
 starts empty, so the extraction pass is paid) and ``train.feature_cache: false`` (the
 backbone runs on every image in every epoch). Per-epoch times come from a timing callback

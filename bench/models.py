@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from tasks.dataset import Prepared
-    from tasks.export import export
+    from tasks.onnx_io import export
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((*image_size, 3), name="pixels")

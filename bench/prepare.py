@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -50,9 +50,12 @@ def _params_file(work: Path, size: tuple[int, int], **prepare: object) -> Path:
     return path
 
 
-def _stage(raw: Path, out: Path, params: Path, expected: int) -> ProcessRun:
+def _stage(
+    raw: Path, out: Path, params: Path, expected: int, prefix: Sequence[str] = ()
+) -> ProcessRun:
     shutil.rmtree(out, ignore_errors=True)
     command = [
+        *prefix,
         sys.executable,
         "-m",
         "tasks.prepare",
@@ -70,8 +73,8 @@ def _stage(raw: Path, out: Path, params: Path, expected: int) -> ProcessRun:
     return run
 
 
-def _naive(raw: Path, size: tuple[int, int]) -> ProcessRun:
-    command = [sys.executable, "-m", "bench.naive_prepare", raw, str(size[0]), str(size[1])]
+def _naive(raw: Path, size: tuple[int, int], prefix: Sequence[str] = ()) -> ProcessRun:
+    command = [*prefix, sys.executable, "-m", "bench.naive_prepare", raw, *map(str, size)]
     return run_process(command, ROOT, env_with_venv()).check("naive loop")
 
 

@@ -1,4 +1,4 @@
-"""One timed call of ``tasks.train.train`` in its own process (benchmarks 1 and 2).
+"""One timed call of ``tasks.training.train`` in its own process (benchmarks 1 and 2).
 
 ``python -m bench.train_worker --prepared P --backbone B --info I --mode cached|naive
 --epochs N --work W --out result.json``
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.common import setup_logging
     from tasks.dataset import Prepared
     from tasks.safety import load_model_safely
-    from tasks.train import TrainPaths, train
+    from tasks.training import TrainPaths, train
 
     setup_logging()
     settings = {

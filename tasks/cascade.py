@@ -48,9 +48,6 @@ def find_specialist(
     path = path if given else model.parent / SPECIALIST_FILE
     if not given and not path.is_file():
         return None  # no specialist trained: the main model alone
-    if given and not path.is_file() and path.with_name("README.md").is_file():
-        raise PredictError(f"{path} does not exist: no specialist was trained "
-                           "(train.other_specialist is false)")  # fmt: skip
     specialist = load_classifier(path, threads)
     refines = specialist.specialist_of
     if refines is None or refines not in main.classes:

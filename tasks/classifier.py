@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-INPUT_NAME = "pixels"  # tasks.export.INPUT_NAME (not imported: that module needs TensorFlow)
-OUTPUT_NAME = "probabilities"  # tasks.export.OUTPUT_NAME
+INPUT_NAME = "pixels"  # tasks.onnx_io.INPUT_NAME (not imported: tlp predict stays light)
+OUTPUT_NAME = "probabilities"  # tasks.onnx_io.OUTPUT_NAME
 
 
 class PredictError(ValueError):
@@ -129,11 +129,11 @@ def load_classifier(path: str | Path, threads: int = 0) -> Classifier:
     from google.protobuf.message import Error as ProtobufError
 
     path = Path(path)
-    if not path.is_file() and (path.parent / "README.md").is_file() and path.parent.name == "int8":
-        raise PredictError(  # the export stage's int8 folder without a model (tasks/export.py)
-            f"{path} does not exist: no int8 model was built (export.quantize: none). Set "
-            "export.quantize: int8 and run `dvc repro export`, or use models/model.onnx"
-        )
+    note = path.with_name("README.md")
+    if not path.is_file() and note.is_file():
+        # A stage's folder for an optional model (int8, the specialist) holds only a note
+        # while the setting that builds the model is off: the note says which setting.
+        raise PredictError(f"{path} does not exist. {folder_note(note)}")
     if not path.is_file():
         raise PredictError(
             f"model {path} not found. Build it with `tlp run` (or `dvc repro export`), or pass "
@@ -197,3 +197,16 @@ def probabilities(classifier: Classifier, pixels: np.ndarray) -> np.ndarray:
     feed = {INPUT_NAME: pixels.astype(np.float32)}
     (result,) = classifier.session.run([OUTPUT_NAME], feed)
     return result
+
+
+def folder_note(note: Path, limit: int = 2000) -> str:
+    """The note a stage leaves in a model's folder instead of the model, on one line.
+
+    Its heading and paragraphs are joined, the Markdown marks (``#``, backquotes) dropped;
+    at most ``limit`` characters are read.
+    """
+    with note.open(encoding="utf-8", errors="replace") as handle:
+        text = handle.read(limit)
+    lines = [line.strip().lstrip("#").strip().replace("`", "") for line in text.splitlines()]
+    heading, *body = [line for line in lines if line]
+    return f"{heading}: {' '.join(body)}" if body else heading

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("export_other: off (no specialist was trained)")
             return
         from tasks.dataset import Prepared
-        from tasks.export import export
+        from tasks.onnx_io import export
         from tasks.safety import load_model_safely
 
         subset = Prepared.open(args.data).specialist(info["specialist_of"])

@@ -285,7 +285,7 @@ def _prepare_items(
     rejects: list[tuple[str, str]] = []
     # Decoding and resizing release the GIL; one thread more than the CPUs keeps them busy
     # while the others hold the GIL between images (measured: +10% on 2 cores).
-    workers = params.workers or (os.cpu_count() or 1) + 1
+    workers = params.workers or len(os.sched_getaffinity(0)) + 1  # the CPUs we may run on
     try:
         with progress(total=len(items), desc="prepare", unit="img") as bar:
             # At most 4 x workers decoded images wait to be written, whatever the dataset.

@@ -3,7 +3,7 @@
 The course's recipe: let the rare classes gather in one class, "other", so the main model
 learns them as a group from enough images, then train a second model on what gathered
 there, with the images' own labels. ``prepare.other_class`` does the first half; with
-``train.other_specialist: true`` this stage does the second, by :func:`tasks.train.train`
+``train.other_specialist: true`` this stage does the second, by :func:`tasks.training.train`
 on the other class's images (:meth:`tasks.dataset.Prepared.specialist`): the same backbone,
 head, checkpoints, resume and divergence guards, and with a pretrained backbone the
 features the train stage cached, sliced (seconds, not a second extraction). The evaluate
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         from tasks.common import save_model
         from tasks.safety import load_model_safely
-        from tasks.train import TrainPaths, summarize, train
+        from tasks.training import TrainPaths, summarize, train
 
         backbone_info = read_json(args.backbone_info)
         backbone = load_model_safely(args.backbone, compile=False)

@@ -67,18 +67,13 @@ def pause_train_after_first_batch(
     return env, marker
 
 
-# Imported as ``sitecustomize`` in the train stage's process only: at the first batch of
-# epoch $TLP_TEST_SIGNAL_EPOCH the process sends itself $TLP_TEST_SIGNAL (what a Ctrl-C or
-# a `kill` would deliver there).
-_SIGNAL_TRAIN_AT_EPOCH = r"""
-import os, signal, sys
-
-if "tasks.train" in sys.orig_argv:
+# Python source defining ``_on_first_batches(hook)``: Keras then calls ``hook(epoch)`` after
+# the first batch of every epoch (counted from 1, as Keras prints them). Keras is imported
+# only when it is called, so other processes that load the source stay as they were.
+FIRST_BATCH_HOOK = r"""
+def _on_first_batches(hook):
     import keras
 
-    # As in a terminal's foreground job: a shell starts background jobs (a test run with
-    # `&`) with SIGINT ignored, and Python then leaves it ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     callbacks = keras.callbacks.CallbackList
     original_epoch_begin, original_batch_end = callbacks.on_epoch_begin, callbacks.on_train_batch_end
     current = [0]
@@ -89,12 +84,33 @@ if "tasks.train" in sys.orig_argv:
 
     def on_train_batch_end(self, batch, logs=None):
         original_batch_end(self, batch, logs)
-        if batch == 0 and current[0] == int(os.environ["TLP_TEST_SIGNAL_EPOCH"]):
-            print(f"FAULT INJECTION: {os.environ['TLP_TEST_SIGNAL']} in epoch {current[0]}", flush=True)
-            os.kill(os.getpid(), getattr(signal, os.environ["TLP_TEST_SIGNAL"]))
+        if batch == 0:
+            hook(current[0])
 
     callbacks.on_epoch_begin, callbacks.on_train_batch_end = on_epoch_begin, on_train_batch_end
 """
+
+# Imported as ``sitecustomize`` in the train stage's process only: at the first batch of
+# epoch $TLP_TEST_SIGNAL_EPOCH the process sends itself $TLP_TEST_SIGNAL (what a Ctrl-C or
+# a `kill` would deliver there).
+_SIGNAL_TRAIN_AT_EPOCH = (
+    FIRST_BATCH_HOOK
+    + r"""
+import os, signal, sys
+
+if "tasks.train" in sys.orig_argv:
+    # As in a terminal's foreground job: a shell starts background jobs (a test run with
+    # `&`) with SIGINT ignored, and Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def signal_in(epoch):
+        if epoch == int(os.environ["TLP_TEST_SIGNAL_EPOCH"]):
+            print(f"FAULT INJECTION: {os.environ['TLP_TEST_SIGNAL']} in epoch {epoch}", flush=True)
+            os.kill(os.getpid(), getattr(signal, os.environ["TLP_TEST_SIGNAL"]))
+
+    _on_first_batches(signal_in)
+"""
+)
 
 
 def signal_train_in_epoch(

@@ -36,7 +36,7 @@ from tasks.dataset import Prepared
 from tasks.devices import for_replicas, strategy_for
 from tasks.params import TrainParams
 from tasks.safety import load_model_safely
-from tasks.train import TrainPaths, train
+from tasks.training import TrainPaths, train
 
 project, out = Path(sys.argv[1]), Path(sys.argv[2])
 prepared = Prepared.open(project / "data" / "prepared")

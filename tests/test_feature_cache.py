@@ -18,7 +18,7 @@ from tasks.dataset import Prepared
 from tasks.evaluate import predict_split
 from tasks.params import with_changes
 from tasks.prepare import prepare
-from tasks.train import TrainPaths, train
+from tasks.training import TrainPaths, train
 from tests.conftest import PARAMS
 
 IMAGE_SIZE = (16, 16)
@@ -84,7 +84,7 @@ def extractions(monkeypatch) -> list[str]:
 
 
 def run_train(tmp_path: Path, backbone, prepared: Prepared, name: str, **changes):
-    """Call ``tasks.train.train`` with a fresh backup folder and the shared feature folder."""
+    """Call ``tasks.training.train`` with a fresh backup folder and the shared feature folder."""
     from tasks.safety import load_model_safely
 
     path, info = backbone

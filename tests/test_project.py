@@ -59,6 +59,20 @@ def test_every_stage_lists_exactly_the_tasks_modules_it_imports_as_deps():
         )
 
 
+def test_no_stage_module_imports_another_stage_module():
+    """What two stages share lives in a helper module (``tasks.training``, ``tasks.onnx_io``).
+
+    A stage that imported another would list the other's whole module as a dep, and re-run
+    whenever the other's command line or outputs changed.
+    """
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    modules = {re.search(r"python -m (tasks\.\w+)", s["cmd"]).group(1) for s in stages.values()}
+    assert len(modules) == len(stages)
+    for module in sorted(modules):
+        others = (imported_task_modules(module) - {module}) & modules
+        assert not others, f"{module} imports the stage module(s) {sorted(others)}"
+
+
 @pytest.mark.parametrize("name", presets(ROOT))
 def test_every_preset_applies_to_the_shipped_params_and_keeps_their_comments(name, tmp_path):
     for file in ("params.yaml", "presets"):

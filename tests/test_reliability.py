@@ -52,6 +52,7 @@ from tasks.params import Params, ParamsError, parse_params, read_yaml, with_chan
 from tasks.prepare import Item, decode, prepare
 from tasks.safety import UnsafeModelError, load_model_safely
 from tests.conftest import BIN, PARAMS, ROOT, SHRUNK, make_project, run, set_params
+from tests.faults import FIRST_BATCH_HOOK
 from tests.test_prepare import (
     encode,
     exif_rotated_jpeg,
@@ -122,10 +123,11 @@ def copy_project(source: Path, dest: Path) -> Path:
 #   epoch backup (".epoch-*" HDF5), after the file's data went out but before it was
 #   closed, so a half-written file is left;
 # - "epoch": inside an epoch, after its first batch (between two writes of the backup).
-KILL_AT = r"""
+KILL_AT = (
+    FIRST_BATCH_HOOK
+    + r"""
 import os, signal, sys, zipfile
 import h5py
-import keras
 
 event, nth = sys.argv[1], int(sys.argv[2])
 seen = []
@@ -160,26 +162,14 @@ elif event == "backup":
 
     h5py.File.close = close
 elif event == "epoch":
-    callbacks = keras.callbacks.CallbackList
-    original_epoch_begin, original_batch_end = callbacks.on_epoch_begin, callbacks.on_train_batch_end
-    current = [0]
-
-    def on_epoch_begin(self, epoch, logs=None):
-        current[0] = epoch + 1
-        return original_epoch_begin(self, epoch, logs)
-
-    def on_train_batch_end(self, batch, logs=None):
-        original_batch_end(self, batch, logs)
-        if batch == 0:
-            on_event(f"in epoch {current[0]}, after its first batch")
-
-    callbacks.on_epoch_begin, callbacks.on_train_batch_end = on_epoch_begin, on_train_batch_end
+    _on_first_batches(lambda epoch: on_event(f"in epoch {epoch}, after its first batch"))
 else:
     raise SystemExit(f"unknown event {event!r}")
 
 from tasks.train import main
 sys.exit(main(sys.argv[3:]))
 """
+)
 
 
 def train_killed_at(project: Path, event: str, nth: int, flags: list[str]):

@@ -22,7 +22,7 @@ import pytest
 from keras.layers import BatchNormalization
 from PIL import Image
 
-import tasks.train
+import tasks.training
 from tasks.backbone import build_backbone
 from tasks.builtin import read_idx
 from tasks.common import save_model
@@ -70,8 +70,8 @@ def train_and_evaluate(stand_in, tmp_path: Path):
     backbone = load_model_safely(root / "backbone.keras", compile=False)
     info = json.loads((root / "backbone.json").read_text())
     params = with_changes(PARAMS.train, epochs=5, pooling="avg", dense_units=0)
-    paths = tasks.train.TrainPaths(model=tmp_path / "model.keras", backup=tmp_path / "backup")
-    result = tasks.train.train(params, backbone, info, prepared, paths, root / "backbone.keras")
+    paths = tasks.training.TrainPaths(model=tmp_path / "model.keras", backup=tmp_path / "backup")
+    result = tasks.training.train(params, backbone, info, prepared, paths, root / "backbone.keras")
     save_model(result.model, paths.model)
     outputs = {
         "metrics": "eval.json", "confusion-plot": "confusion.png", "confusion": "confusion.csv",
@@ -96,7 +96,7 @@ def test_mobilenet_v2_from_scratch_collapses_with_keras_batchnorm_momentum(
     stand_in, tmp_path, monkeypatch
 ):
     """Before the fix: Keras' momentum 0.999 kept, as the train stage did."""
-    monkeypatch.setattr(tasks.train, "suit_batchnorm", lambda backbone, steps: None)
+    monkeypatch.setattr(tasks.training, "suit_batchnorm", lambda backbone, steps: None)
     result, evaluated = train_and_evaluate(stand_in, tmp_path)
 
     assert result.batchnorm_momentum is None

@@ -177,7 +177,7 @@ def test_with_a_pretrained_backbone_the_specialist_reuses_the_train_stages_featu
     import tasks.features
     from tasks.features import cache_key, extract_features
     from tasks.safety import load_model_safely
-    from tasks.train import TrainPaths, train
+    from tasks.training import TrainPaths, train
     from tests.test_feature_cache import make_backbone
 
     full = prepared_with(tmp_path, {"red": 20, "green": 20, "cyan": 10, "grey": 10})

@@ -26,7 +26,7 @@ from tasks.features import extract_features
 from tasks.params import with_changes
 from tasks.prepare import prepare
 from tasks.safety import load_model_safely
-from tasks.train import TrainPaths, train
+from tasks.training import TrainPaths, train
 from tests.conftest import PARAMS, ROOT, run, write_params
 
 SIZE = (16, 16)
