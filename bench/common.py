@@ -165,9 +165,9 @@ def run_process(
     """Run a command to completion; measure its wall time and peak resident memory.
 
     ``seconds`` and ``peak_rss_bytes`` come from a tiny launcher process that forks and
-    execs the command (see ``tests.peakmemory.LAUNCHER``): the wall time from fork to exit, and the kernel's
-    high-water mark (``wait4``'s ``ru_maxrss``) of the command and the children it waited
-    for, i.e. its largest single process. With ``sample_tree`` the summed RSS of the whole
+    execs the command (``tests.peakmemory.LAUNCHER``): the wall time from fork to exit, and
+    the kernel's high-water mark (``wait4``'s ``ru_maxrss``) of the command and the children
+    it waited for, i.e. its largest single process. With ``sample_tree`` the summed RSS of the whole
     process tree is also sampled every 0.1 s (``psutil``): what a pipeline of several
     processes really holds at once.
     """

@@ -21,7 +21,6 @@ pixel), where entropy decoding, which no DCT scaling avoids, takes most of the t
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -189,7 +188,7 @@ def run(work: Path, quick: bool) -> list[Result]:
     noisy_seconds, _ = _compare(noisy, work, noisy_count, repeats)
     # Both on one CPU: what the stage gains per core. The naive loop uses one core whatever
     # the machine; the stage's threads use them all, so its speed-up grows with the cores.
-    one_cpu = [shutil.which("taskset") or "taskset", "-c", str(min(os.sched_getaffinity(0)))]
+    one_cpu = ["taskset", "-c", str(min(os.sched_getaffinity(0)))]  # util-linux
     one_cpu_seconds, _ = _compare(one_raw, work, one_count, repeats, one_cpu)
     per_image = per_image_ms(raw, 20 if quick else 100)
     cpus = len(os.sched_getaffinity(0))

@@ -129,12 +129,12 @@ def load_classifier(path: str | Path, threads: int = 0) -> Classifier:
     from google.protobuf.message import Error as ProtobufError
 
     path = Path(path)
-    note = path.with_name("README.md")
-    if not path.is_file() and note.is_file():
+    if not path.is_file():
         # A stage's folder for an optional model (int8, the specialist) holds only a note
         # while the setting that builds the model is off: the note says which setting.
-        raise PredictError(f"{path} does not exist. {folder_note(note)}")
-    if not path.is_file():
+        note = path.with_name("README.md")
+        if note.is_file() and (text := folder_note(note)):
+            raise PredictError(f"{path} does not exist. {text}")
         raise PredictError(
             f"model {path} not found. Build it with `tlp run` (or `dvc repro export`), or pass "
             "--model PATH to an exported .onnx file"
@@ -203,10 +203,10 @@ def folder_note(note: Path, limit: int = 2000) -> str:
     """The note a stage leaves in a model's folder instead of the model, on one line.
 
     Its heading and paragraphs are joined, the Markdown marks (``#``, backquotes) dropped;
-    at most ``limit`` characters are read.
+    at most ``limit`` characters are read. An empty note gives "".
     """
     with note.open(encoding="utf-8", errors="replace") as handle:
         text = handle.read(limit)
     lines = [line.strip().lstrip("#").strip().replace("`", "") for line in text.splitlines()]
-    heading, *body = [line for line in lines if line]
+    heading, *body = [line for line in lines if line] or [""]
     return f"{heading}: {' '.join(body)}" if body else heading

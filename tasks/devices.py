@@ -4,7 +4,7 @@
 ``tf.distribute.MirroredStrategy`` over ``train.devices`` (default: every local GPU, else
 the CPU): a replica per device, gradients all-reduced each step. Everything that creates
 variables (loading the backbone, building and compiling the model, restoring a backup)
-runs under the strategy's scope (:func:`replicated`). As the Keras distributed-training
+runs under the strategy's scope (``tasks.train.main``). As the Keras distributed-training
 guide says, ``fit`` takes the *global* batch and splits it between the replicas; here
 ``train.batch_size`` is the batch per replica, so the global batch is ``batch_size x
 replicas`` and the learning rates are scaled by the replicas too (the linear scaling rule

@@ -156,6 +156,17 @@ def test_the_int8_folder_without_a_model_is_refused_by_predict_naming_the_settin
     assert "no int8 model was built" in error and "export.quantize: int8" in error
 
 
+def test_a_model_folder_with_an_empty_note_gets_the_plain_not_found_error(tmp_path, capsys):
+    folder = tmp_path / "models" / "int8"
+    folder.mkdir(parents=True)
+    (folder / "README.md").write_text("\n")
+    image = tmp_path / "red.png"
+    Image.new("RGB", (8, 8), (240, 30, 30)).save(image)
+
+    assert predict.main(["--model", str(folder / "model.onnx"), str(image)]) == 1
+    assert "not found. Build it with `tlp run`" in capsys.readouterr().err
+
+
 def test_accuracy_drop_is_exact_at_the_gate():
     check = quantize.Int8Check(images=100, agree=99, float_right=91, int8_right=90)
     assert check.accuracy_drop == 0.01 and check.top1_agreement == 0.99
