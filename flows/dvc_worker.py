@@ -53,7 +53,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # The flow's request to stop the stage command. Not SIGINT: DVC ignores SIGINT in its own
 # process while a command runs (the terminal sends it to the command directly).
 STOP_STAGE = signal.SIGUSR1
-STAGE_GRACE_S = 5.0  # after SIGINT, a stage that is still running is killed
+STAGE_GRACE_S = 5.0  # after SIGINT or SIGTERM, a stage that is still running is killed
 ANSWER_AFTER_STOP_S = 30.0  # a stopped stage's answer comes within this, or the worker goes
 
 
@@ -384,8 +384,34 @@ def _stop_stage(signum: int, frame: Any) -> None:
 
 
 def _stop_group(signum: int, frame: Any) -> None:
+    """SIGTERM to the stage command, SIGKILL to what is left of it after a grace; then exit.
+
+    Also what the flow's death sends (``PR_SET_PDEATHSIG``): nobody else is left then to make
+    sure the stage goes, and a command may not stop on SIGTERM (a TensorFlow process can
+    hang on its way out), so this process waits for it, a bounded time, before it goes too.
+    """
+    import psutil
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stage = psutil.Process().children(recursive=True)
+    os.killpg(0, signal.SIGTERM)  # the stage command: it is in this process group
+    deadline = time.monotonic() + STAGE_GRACE_S
+    while any(map(_running, stage)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if any(map(_running, stage)):
+        os.killpg(0, signal.SIGKILL)  # the rest of the stage, and this process
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.killpg(0, signal.SIGTERM)  # the stage command in this process group, then this process
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _running(process: Any) -> bool:
+    """Whether a ``psutil.Process`` still runs: an exited one waiting to be reaped does not."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone (or reused: not ours any more)
+        return False
 
 
 if __name__ == "__main__":

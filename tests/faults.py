@@ -13,7 +13,7 @@ from pathlib import Path
 # Imported by Python at start-up as ``sitecustomize`` (see pause_train_after_first_batch).
 # Only the train stage's process (``python -m tasks.train``) is touched.
 _PAUSE_TRAIN_AFTER_FIRST_BATCH = r"""
-import os, sys, threading
+import os, signal, sys, threading
 
 if "tasks.train" in sys.orig_argv:
     import keras
@@ -22,6 +22,8 @@ if "tasks.train" in sys.orig_argv:
 
     def on_train_batch_end(self, batch, logs=None):
         original(self, batch, logs)
+        if os.environ.get("TLP_TEST_IGNORE_SIGTERM"):  # as a process that hangs on its way out
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         marker = os.environ["TLP_TEST_PAUSED"]
         with open(marker + ".tmp", "w") as handle:
             handle.write(str(os.getpid()))
@@ -38,7 +40,7 @@ if "tasks.train" in sys.orig_argv:
 
 
 def pause_train_after_first_batch(
-    folder: Path, project: Path, release: Path | None = None
+    folder: Path, project: Path, release: Path | None = None, ignore_sigterm: bool = False
 ) -> tuple[dict[str, str], Path]:
     """An environment in which the train stage stops after its first batch and says so.
 
@@ -53,6 +55,8 @@ def pause_train_after_first_batch(
         project: the project the command runs in (its code must stay importable).
         release: a file the test creates to let training go on (without it, only a kill
             ends the pause).
+        ignore_sigterm: from the pause on, the stage ignores SIGTERM, as a process that
+            hangs on its way out would (a TensorFlow one can): only SIGKILL ends it.
 
     Returns:
         ``(environment variables to add, marker file)``: wait for the marker to exist,
@@ -64,6 +68,8 @@ def pause_train_after_first_batch(
     env = {"PYTHONPATH": f"{folder}{os.pathsep}{project}", "TLP_TEST_PAUSED": str(marker)}
     if release is not None:
         env["TLP_TEST_RELEASE"] = str(release)
+    if ignore_sigterm:
+        env["TLP_TEST_IGNORE_SIGTERM"] = "1"
     return env, marker
 
 

@@ -97,6 +97,21 @@ def reaped(pid: int) -> bool:
     return done == pid
 
 
+def wait_gone(pids: list[int], timeout: float, what: str) -> None:
+    """Wait until every one of ``pids`` has exited (:func:`reaped`); fail after ``timeout``
+    seconds, naming the state and command line of each one still there."""
+    try:
+        wait_for(lambda: all(reaped(pid) for pid in pids), timeout, what)
+    except AssertionError as exc:
+        left = {}
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                left[pid] = f"[{state}] {argv.strip()}"
+        raise AssertionError(f"{exc}; still there: {left}") from None
+
+
 def spawn(
     cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen:

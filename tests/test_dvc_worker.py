@@ -1,7 +1,8 @@
 """The flow's DVC worker against a real DVC repo with one small stage (no Prefect, no TensorFlow).
 
 The stage is a ``tasks.common.run_stage`` body whose behaviour ``params.yaml`` picks: write
-its output, fail, fail transiently, crash, or wait for the test to let it finish.
+its output, fail, fail transiently, crash, or wait for the test to let it finish (also
+ignoring SIGTERM meanwhile).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import yaml
 from flows.dvc_worker import DvcWorker
 from flows.stages import DvcBusyError, StageFailedError, TransientStageError
 from tests.conftest import ROOT, run
-from tests.prefect_server import descendants, reaped, wait_for
+from tests.prefect_server import descendants, reaped, wait_for, wait_gone
 
 STAGE = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from tasks.common import StageError, TransientError, run_stage
     from tasks.params import read_yaml
@@ -38,7 +39,9 @@ STAGE = textwrap.dedent(
             raise StageError("bad input; fix it")
         if how == "crash":
             raise RuntimeError("a bug")
-        if how == "wait":
+        if how == "stubborn":  # as a process that hangs on its way out
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if how in ("wait", "stubborn"):
             Path("started").touch()
             for _ in range(1200):  # at most two minutes
                 if Path("go").exists():
@@ -137,8 +140,9 @@ def test_a_worker_cannot_start_while_another_dvc_process_holds_the_lock(toy):
         DvcWorker(toy, emit=print).__enter__()
 
 
-def test_the_worker_and_the_stage_command_die_with_the_flow(toy):
-    set_how(toy, "wait")
+@pytest.mark.parametrize("how", ["wait", "stubborn"], ids=["stage", "stage-ignoring-sigterm"])
+def test_the_worker_and_the_stage_command_die_with_the_flow(toy, how):
+    set_how(toy, how)
     flow = subprocess.Popen(  # a stand-in for `tlp run`: it reproduces the stage, then hangs
         [
             sys.executable,
@@ -160,7 +164,8 @@ def test_the_worker_and_the_stage_command_die_with_the_flow(toy):
         os.kill(flow.pid, signal.SIGKILL)
         flow.wait(timeout=60)
     assert len(below) >= 2, below
-    wait_for(lambda: all(reaped(pid) for pid in below), 60, "the worker and the stage to exit")
+    # A stage that ignores SIGTERM gets SIGKILL after the worker's grace (5 s), well within.
+    wait_gone(below, 60, "the worker and the stage to exit")
     assert not (toy / "out.txt").exists()  # the stage never finished
 
 
@@ -178,7 +183,9 @@ STEP = textwrap.dedent(
         how = read_yaml("params.yaml")[name]
         if how == "fail":
             raise StageError(f"{name} cannot go on; fix it")
-        if how == "wait":
+        if how == "stubborn":  # as a process that hangs on its way out
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if how in ("wait", "stubborn"):
             Path("started").touch()
             for _ in range(1200):  # at most two minutes; the test stops it long before
                 time.sleep(0.1)

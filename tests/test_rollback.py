@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import run
 from tests.faults import pause_train_after_first_batch
-from tests.prefect_server import descendants, reaped, spawn, wait_for
+from tests.prefect_server import descendants, spawn, wait_for, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +135,7 @@ def test_a_stopped_run_exits_at_once_leaves_no_process_and_the_workspace_as_befo
     assert f"stopped by {sig.name}" in output
     commands = [Path(f"/proc/{pid}/cmdline") for pid in below]
     assert len(below) >= 3, commands  # there was a server, a worker and a stage to stop
-    wait_for(lambda: all(reaped(pid) for pid in below), 30, "every process of the run to exit")
+    wait_gone(below, 30, "every process of the run to exit")
     assert workspace_state(project) == before
     assert clean_status(project)
     assert "Traceback" not in output
