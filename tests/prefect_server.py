@@ -103,12 +103,13 @@ def wait_gone(pids: list[int], timeout: float, what: str) -> None:
     try:
         wait_for(lambda: all(reaped(pid) for pid in pids), timeout, what)
     except AssertionError as exc:
+        import psutil
+
         left = {}
         for pid in pids:
-            with contextlib.suppress(OSError):
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                left[pid] = f"[{state}] {argv.strip()}"
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                left[pid] = f"[{process.status()}] {' '.join(process.cmdline())}"
         raise AssertionError(f"{exc}; still there: {left}") from None
 
 

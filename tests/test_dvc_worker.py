@@ -183,9 +183,7 @@ STEP = textwrap.dedent(
         how = read_yaml("params.yaml")[name]
         if how == "fail":
             raise StageError(f"{name} cannot go on; fix it")
-        if how == "stubborn":  # as a process that hangs on its way out
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if how in ("wait", "stubborn"):
+        if how == "wait":
             Path("started").touch()
             for _ in range(1200):  # at most two minutes; the test stops it long before
                 time.sleep(0.1)
